@@ -1,0 +1,52 @@
+# adaface-serving front door: `make serve`, `make test`, `make bench`, `make proto`, `make lint`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+ARCH ?= ir_50
+MODEL ?= adaface_$(subst _,,$(ARCH))
+REPO ?= model_repository
+CKPT ?=
+PORT ?= 50051
+SERVE_ARGS ?=
+
+.PHONY: venv export serve test test-fast bench proto proto-check lint format clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+# Exports $(CKPT) (or, without CKPT, a randomly initialised $(ARCH)) into $(REPO)/$(MODEL).
+export: venv
+	$(PY) -m adaface_server.models.export --arch $(ARCH) --repository $(REPO) --name $(MODEL) \
+		$(if $(CKPT),--checkpoint $(CKPT),)
+
+# Exports only when there is no model yet or a checkpoint was given.
+serve: venv
+	@if [ -n "$(CKPT)" ] || [ ! -f "$(REPO)/$(MODEL)/1/model.pt" ]; then $(MAKE) --no-print-directory export; fi
+	$(PY) -m adaface_server --model-repository $(REPO) --model $(MODEL) --port $(PORT) $(SERVE_ARGS)
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) bench/run.py
+
+proto: venv
+	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
+		--grpc_python_out=protos protos/adaface/v1/*.proto
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,46 @@
+"""adaface_client: Embedder clients (sync and asyncio), typed errors and AdaFace helpers."""
+
+from adaface_client.client import (
+    AdafaceError,
+    AsyncClient,
+    Client,
+    DeadlineExceeded,
+    FailedPrecondition,
+    ImageErrors,
+    ImageResult,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ServerInfo,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    from_rpc_error,
+    make_image_input,
+)
+from adaface_client.utils import fuse_features_with_norm, l2_norm
+
+__all__ = [
+    "AdafaceError",
+    "AsyncClient",
+    "Client",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "ImageErrors",
+    "ImageResult",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "ServerInfo",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "from_rpc_error",
+    "fuse_features_with_norm",
+    "l2_norm",
+    "make_image_input",
+]

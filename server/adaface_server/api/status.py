@@ -1,0 +1,41 @@
+"""Maps service errors to gRPC status codes; unexpected exceptions become INTERNAL."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from ..errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+
+def status_code(error: ServiceError) -> grpc.StatusCode:
+    return grpc.StatusCode[error.status]
+
+
+def unary_errors(
+    method: Callable[..., Awaitable[R]],
+) -> Callable[..., Awaitable[R]]:
+    """Turns ServiceError into its status and anything else into a logged INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except ServiceError as exc:
+            # Errors may carry structured details (e.g. per-image results) for the caller.
+            trailing = getattr(exc, "trailing_metadata", ())
+            await context.abort(status_code(exc), str(exc), trailing_metadata=trailing)
+        except Exception:
+            log.exception("unhandled error in %s", method.__qualname__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("unreachable: context.abort raises")
+
+    return wrapper

@@ -1,0 +1,83 @@
+"""Assembles the gRPC server: services, health, reflection, model loading and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from adaface.v1 import embedder_pb2, embedder_pb2_grpc
+
+from .api.embedder import EmbedderServicer
+from .backends.base import create_backend
+from .config import Settings
+from .embedding import EmbeddingService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name,)
+
+
+class App:
+    """One server process: `start()` binds and begins loading the model in the background;
+    health reports NOT_SERVING until the model is loaded and warmed up."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.embedding = EmbeddingService(settings, create_backend(settings))
+        self.health = health.aio.HealthServicer()
+        limit = settings.max_message_bytes
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ]
+        )
+        embedder_pb2_grpc.add_EmbedderServicer_to_server(
+            EmbedderServicer(self.embedding), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = 0
+        self._loader: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        log.info("listening on %s:%d", self.settings.host, self.port)
+        self._loader = asyncio.create_task(self._load(), name="model-loader")
+        return self.port
+
+    async def _load(self) -> None:
+        try:
+            await self.embedding.load()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("loading the model failed; the server stays NOT_SERVING")
+            return
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops taking new RPCs, lets in-flight ones finish within `grace`, then closes."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._loader is not None:
+            self._loader.cancel()
+        await self.server.stop(grace)
+        await self.embedding.close()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()

@@ -1,0 +1,52 @@
+"""The inference backend Protocol and the factory that picks one by name."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..models.repository import ModelSpec
+
+
+class Backend(Protocol):
+    """Runs the exported model on preprocessed batches [B,3,112,112] float32."""
+
+    name: str
+    #: True when the server must coalesce requests itself; False when the backend
+    #: (e.g. Triton's dynamic batcher) already does.
+    needs_batching: bool
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model's names, dims and limits; valid once `load` has returned."""
+        ...
+
+    @property
+    def max_batch_size(self) -> int: ...
+
+    async def load(self) -> None:
+        """Loads and warms the model; raises errors.Unavailable if it cannot (yet)."""
+        ...
+
+    def ready(self) -> bool: ...
+
+    async def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (embeddings [B,D] unit-norm float32, norms [B,1] float32)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def create_backend(settings: Settings) -> Backend:
+    if settings.backend == "torchscript":
+        from .torchscript import TorchScriptBackend
+
+        return TorchScriptBackend(settings)
+    if settings.backend == "triton":
+        from .triton import TritonBackend  # type: ignore[import-not-found]
+
+        return TritonBackend(settings)
+    raise ValueError(f"unknown backend {settings.backend!r}")

@@ -1,0 +1,199 @@
+"""The embedding service: preprocess images, run them through the backend, fuse flips."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import __version__
+from .backends.base import Backend
+from .batching import DynamicBatcher
+from .config import Settings
+from .errors import InvalidArgument, Unavailable, Unimplemented
+from .fusion import fuse_flip_pairs
+from .preprocess.decode import DecodeLimits, ImageRejected
+from .preprocess.pipeline import AlignMode, ImageItem, face_crop, to_model_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    """The result for one image: an embedding and its norm, or a rejection reason."""
+
+    embedding: np.ndarray | None = None  # [D] float32, unit norm
+    norm: float = 0.0
+    error_reason: str | None = None  # ImageError.Reason suffix, e.g. "UNDECODABLE"
+    error_message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.embedding is not None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    arch: str
+    embedding_dim: int
+    max_batch_size: int
+    backend: str
+    model_checksum: str
+    server_version: str
+    untrained: bool
+    weights: str
+
+
+class EmbeddingService:
+    """Owns the backend, the batcher and the preprocessing threads."""
+
+    def __init__(self, settings: Settings, backend: Backend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.limits = DecodeLimits(settings.max_image_bytes, settings.max_image_pixels)
+        self._preprocess = ThreadPoolExecutor(
+            max_workers=settings.preprocess_workers, thread_name_prefix="preprocess"
+        )
+        self._batcher: DynamicBatcher | None = None
+        self._ready = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def load(self, on_ready: Callable[[], object] | None = None) -> None:
+        """Loads the model, retrying while it is missing (e.g. not exported yet)."""
+        last_message = None
+        while True:
+            try:
+                await self.backend.load()
+                break
+            except Unavailable as exc:
+                if str(exc) != last_message:
+                    log.warning(
+                        "model not available yet, retrying every %.1fs: %s",
+                        self.settings.load_retry_seconds,
+                        exc,
+                    )
+                    last_message = str(exc)
+                await asyncio.sleep(self.settings.load_retry_seconds)
+        spec = self.backend.spec
+        if spec.untrained:
+            for _ in range(3):
+                log.warning(
+                    "MODEL %s HAS RANDOM, UNTRAINED WEIGHTS: its embeddings are meaningless. "
+                    "Export a real AdaFace checkpoint (make serve CKPT=... ARCH=...).",
+                    spec.name,
+                )
+        if self.backend.needs_batching:
+            self._batcher = DynamicBatcher(
+                self.backend.infer, self.backend.max_batch_size, self.settings.max_queue
+            )
+            self._batcher.start()
+        self._ready = True
+        log.info(
+            "model %s (%s, sha256 %s…) ready on the %s backend",
+            spec.name,
+            spec.arch,
+            spec.checksum[:12],
+            self.backend.name,
+        )
+        if on_ready is not None:
+            on_ready()
+
+    def ready(self) -> bool:
+        return self._ready and self.backend.ready()
+
+    async def close(self) -> None:
+        self._ready = False
+        if self._batcher is not None:
+            await self._batcher.stop()
+        await self.backend.close()
+        self._preprocess.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def queued_rows(self) -> int:
+        return self._batcher.queued_rows if self._batcher else 0
+
+    def info(self) -> ModelInfo:
+        spec = self._spec()
+        meta = spec.metadata
+        if spec.untrained:
+            weights = "RANDOM, UNTRAINED weights: embeddings are meaningless"
+        else:
+            weights = f"checkpoint {meta.get('checkpoint') or '?'}"
+        return ModelInfo(
+            model_name=spec.name,
+            arch=spec.arch,
+            embedding_dim=spec.embedding_dim,
+            max_batch_size=self.backend.max_batch_size,
+            backend=self.backend.name,
+            model_checksum=spec.checksum,
+            server_version=__version__,
+            untrained=spec.untrained,
+            weights=weights,
+        )
+
+    def _spec(self):
+        if not self.ready():
+            raise Unavailable(f"model {self.settings.model!r} is not ready (loading or warming up)")
+        return self.backend.spec
+
+    # -- embedding ---------------------------------------------------------------------
+
+    async def embed(self, items: Sequence[ImageItem], flip: bool) -> list[ImageOutcome]:
+        """Embeds every item; per-image problems become outcomes, not exceptions."""
+        self._spec()
+        if not items:
+            raise InvalidArgument("images: at least one image is required")
+        if len(items) > self.settings.max_images_per_request:
+            raise InvalidArgument(
+                f"images: at most {self.settings.max_images_per_request} per request "
+                f"(max_images_per_request), got {len(items)}"
+            )
+        for i, item in enumerate(items):
+            if item.mode is AlignMode.DETECT:
+                raise Unimplemented(
+                    f"images[{i}].alignment: ALIGNMENT_DETECT needs a face detector, which this "
+                    "server does not run; send aligned 112x112 crops or 5 landmarks"
+                )
+        loop = asyncio.get_running_loop()
+        crops = await loop.run_in_executor(self._preprocess, self._crops, items)
+        good = [i for i, c in enumerate(crops) if isinstance(c, np.ndarray)]
+        outcomes: list[ImageOutcome] = [
+            c if isinstance(c, ImageOutcome) else ImageOutcome() for c in crops
+        ]
+        if not good:
+            return outcomes
+        batch = await loop.run_in_executor(
+            self._preprocess, to_model_input, [crops[i] for i in good], flip
+        )
+        embeddings, norms = await self._infer(batch, group=2 if flip else 1)
+        if flip:
+            embeddings, norms = fuse_flip_pairs(embeddings, norms)
+        for row, i in enumerate(good):
+            outcomes[i] = ImageOutcome(embedding=embeddings[row], norm=float(norms[row, 0]))
+        return outcomes
+
+    def _crops(self, items: Sequence[ImageItem]) -> list[np.ndarray | ImageOutcome]:
+        crops: list[np.ndarray | ImageOutcome] = []
+        for i, item in enumerate(items):
+            try:
+                crops.append(face_crop(item, self.limits))
+            except ImageRejected as exc:
+                crops.append(
+                    ImageOutcome(error_reason=exc.reason, error_message=f"images[{i}]: {exc}")
+                )
+        return crops
+
+    async def _infer(self, batch: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._batcher is not None:
+            return await self._batcher.submit(batch, group=group)
+        # Backends that batch on their side get concurrent chunks, no added delay.
+        step = self.backend.max_batch_size - self.backend.max_batch_size % group
+        chunks = [batch[i : i + step] for i in range(0, len(batch), step)]
+        results = await asyncio.gather(*(self.backend.infer(c) for c in chunks))
+        return np.concatenate([e for e, _ in results]), np.concatenate([n for _, n in results])

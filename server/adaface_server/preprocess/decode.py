@@ -1,0 +1,87 @@
+"""Image decoding with size limits: encoded bytes or raw pixels -> RGB uint8 HxWx3."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Pillow's own bomb guard is replaced by our explicit pixel limit, checked before decoding.
+Image.MAX_IMAGE_PIXELS = None
+
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_bytes: int
+    max_pixels: int
+
+
+class ImageRejected(ValueError):
+    """The image cannot be used; `reason` is an ImageError.Reason suffix, e.g. UNDECODABLE."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
+    """Decodes JPEG/PNG/WebP/BMP bytes to RGB uint8, applying EXIF orientation."""
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(
+            "TOO_MANY_BYTES", f"image is {len(data)} bytes, the limit is {limits.max_bytes}"
+        )
+    if not data:
+        raise ImageRejected("UNDECODABLE", "image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+            # The header gives the size without decoding: refuse bombs before allocating.
+            width, height = img.size
+            if width * height > limits.max_pixels:
+                raise ImageRejected(
+                    "TOO_MANY_PIXELS",
+                    f"image is {width}x{height} = {width * height} pixels, "
+                    f"the limit is {limits.max_pixels}",
+                )
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode != "RGB":
+                img = _to_rgb(img)
+            return np.asarray(img)
+    except ImageRejected:
+        raise
+    except Exception as exc:  # Pillow raises many types for corrupt data
+        raise ImageRejected(
+            "UNDECODABLE", f"not a decodable JPEG/PNG/WebP/BMP image ({len(data)} bytes): {exc}"
+        ) from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on black, matching what RGB conversion of a premultiplied image shows.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (0, 0, 0))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        return Image.fromarray((arr * (255.0 / peak)).round().astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
+
+
+def raw_image(height: int, width: int, data: bytes, limits: DecodeLimits) -> np.ndarray:
+    """Wraps caller-supplied HxWx3 RGB pixels (size already validated) without copying."""
+    if height * width > limits.max_pixels:
+        raise ImageRejected(
+            "TOO_MANY_PIXELS",
+            f"image is {width}x{height} = {width * height} pixels, "
+            f"the limit is {limits.max_pixels}",
+        )
+    return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)

@@ -1,0 +1,73 @@
+"""Runs a real adaface-server App on 127.0.0.1:0 in a background thread for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from adaface_server.app import App
+from adaface_server.config import Settings
+from adaface_server.models.repository import ModelSpec, load_model_spec
+
+
+class ServerThread:
+    """A real gRPC server with its own event loop, driven from synchronous tests."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings.replace(host="127.0.0.1", port=0)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.app: App | None = None
+        self.address = ""
+
+    def call(self, coro, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+
+        async def boot() -> int:
+            self.app = App(self.settings)
+            return await self.app.start()
+
+        self.address = f"127.0.0.1:{self.call(boot())}"
+        return self
+
+    def health(self, service: str = "") -> int:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+    def wait_serving(self, timeout: float = 120.0) -> ServerThread:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.health() == health_pb2.HealthCheckResponse.SERVING:
+                return self
+            time.sleep(0.05)
+        raise TimeoutError(f"server at {self.address} not SERVING after {timeout}s")
+
+    def stop(self, grace: float = 0.0) -> None:
+        if self.app is not None:
+            self.call(self.app.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return load_model_spec(self.settings.model_repository, self.settings.model)
+
+
+def server_settings(repository: Path, model: str, **overrides: object) -> Settings:
+    base = Settings(
+        model_repository=repository,
+        model=model,
+        threads=1,
+        load_retry_seconds=0.1,
+        grace_seconds=5.0,
+    )
+    return base.replace(**overrides)
