@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Pillow's own bomb guard is replaced by our explicit pixel limit, checked before decoding.
 Image.MAX_IMAGE_PIXELS = None
@@ -56,6 +56,11 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
             return np.asarray(img)
     except ImageRejected:
         raise
+    except UnidentifiedImageError:
+        raise ImageRejected(
+            "UNDECODABLE",
+            f"not a decodable JPEG/PNG/WebP/BMP image ({len(data)} bytes): unrecognised format",
+        ) from None
     except Exception as exc:  # Pillow raises many types for corrupt data
         raise ImageRejected(
             "UNDECODABLE", f"not a decodable JPEG/PNG/WebP/BMP image ({len(data)} bytes): {exc}"
