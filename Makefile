@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	# Tests and benchmarks run its bundled tritonserver binary; its own pins would clash.
+	$(PIP) install -q --no-deps -c constraints.txt nvidia-pytriton
 	touch $@
 
 # Exports $(CKPT) (or, without CKPT, a randomly initialised $(ARCH)) into $(REPO)/$(MODEL).

@@ -11,6 +11,9 @@ HERE = Path(__file__).resolve().parent
 BENCHES = [
     ["bench_model.py"],
     ["bench_server.py"],
+    ["bench_triton.py"],
+    ["bench_gallery.py"],
+    ["bench_sampling.py"],
 ]
 
 

@@ -20,27 +20,67 @@ from adaface_client.client import (
     from_rpc_error,
     make_image_input,
 )
+from adaface_client.extract import ExtractionError, Extractor, GatherTimeout
+from adaface_client.gallery import (
+    AlreadyExists,
+    EnrollResult,
+    GalleryClient,
+    GalleryInfo,
+    IdentityInfo,
+    IdentityRef,
+    Match,
+    ProbeResult,
+    VerifyResult,
+)
 from adaface_client.utils import fuse_features_with_norm, l2_norm
 
 __all__ = [
     "AdafaceError",
+    "AlreadyExists",
     "AsyncClient",
     "Client",
     "DeadlineExceeded",
+    "EnrollResult",
+    "ExtractionError",
+    "Extractor",
     "FailedPrecondition",
+    "GalleryClient",
+    "GalleryInfo",
+    "GatherTimeout",
+    "GraphSampler",
+    "IdentityInfo",
+    "IdentityRef",
     "ImageErrors",
     "ImageResult",
     "Internal",
     "InvalidArgument",
+    "Match",
     "NotFound",
     "PermissionDenied",
+    "ProbeResult",
+    "RandomIdentitySampler",
     "ResourceExhausted",
     "ServerInfo",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "VerifyResult",
     "from_rpc_error",
     "fuse_features_with_norm",
     "l2_norm",
     "make_image_input",
 ]
+
+# The samplers are torch Samplers: loaded on first use so plain embedding never imports torch.
+_LAZY = {
+    "GraphSampler": "adaface_client.sampling",
+    "RandomIdentitySampler": "adaface_client.sampling",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'adaface_client' has no attribute {name!r}")

@@ -9,16 +9,33 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from adaface.v1 import embedder_pb2, embedder_pb2_grpc
+from adaface.v1 import (
+    embedder_pb2,
+    embedder_pb2_grpc,
+    gallery_pb2,
+    gallery_pb2_grpc,
+    sampling_pb2,
+    sampling_pb2_grpc,
+)
 
 from .api.embedder import EmbedderServicer
+from .api.gallery import GalleryServicer
+from .api.sampling import SamplingServicer
 from .backends.base import create_backend
 from .config import Settings
 from .embedding import EmbeddingService
+from .gallery.service import GalleryService
+from .sampling.service import SamplingService
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name,)
+HEALTH_POLL_SECONDS = 0.2
+
+SERVICE_NAMES = (
+    embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name,
+    sampling_pb2.DESCRIPTOR.services_by_name["Sampling"].full_name,
+    gallery_pb2.DESCRIPTOR.services_by_name["Gallery"].full_name,
+)
 
 
 class App:
@@ -39,12 +56,19 @@ class App:
         embedder_pb2_grpc.add_EmbedderServicer_to_server(
             EmbedderServicer(self.embedding), self.server
         )
+        self.sampling = SamplingService(settings, self.embedding)
+        sampling_pb2_grpc.add_SamplingServicer_to_server(
+            SamplingServicer(self.sampling), self.server
+        )
+        self.gallery = GalleryService(settings, self.embedding)
+        gallery_pb2_grpc.add_GalleryServicer_to_server(GalleryServicer(self.gallery), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.port = 0
         self._loader: asyncio.Task | None = None
+        self._gallery_open: asyncio.Task | None = None
 
     async def start(self) -> int:
         self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
@@ -53,6 +77,8 @@ class App:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log.info("listening on %s:%d", self.settings.host, self.port)
+        # SQLite is opened and every gallery index rebuilt alongside the model load.
+        self._gallery_open = asyncio.create_task(self.gallery.open(), name="gallery-open")
         self._loader = asyncio.create_task(self._load(), name="model-loader")
         return self.port
 
@@ -64,7 +90,26 @@ class App:
         except Exception:
             log.exception("loading the model failed; the server stays NOT_SERVING")
             return
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self._gallery_open is not None:
+            await self._gallery_open  # never raises: gallery calls report its failure
+        await self._follow_readiness()
+
+    async def _follow_readiness(self) -> None:
+        """Health tracks the backend after loading: a remote backend (Triton) may go away
+        and come back, and health must say so without a restart."""
+        serving: bool | None = None
+        while True:
+            ready = self.embedding.ready()
+            if ready != serving:
+                if serving is not None:
+                    log.warning(
+                        "model backend %s", "back: SERVING" if ready else "lost: NOT_SERVING"
+                    )
+                serving = ready
+                status = health_pb2.HealthCheckResponse
+                await self._set_health(status.SERVING if ready else status.NOT_SERVING)
+            # ready() only reads flags, so polling it is cheap; the backend does the probing.
+            await asyncio.sleep(HEALTH_POLL_SECONDS)
 
     async def _set_health(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):
@@ -77,6 +122,10 @@ class App:
         if self._loader is not None:
             self._loader.cancel()
         await self.server.stop(grace)
+        if self._gallery_open is not None:
+            await self._gallery_open  # the rebuild runs in a thread: let it finish
+            await self.gallery.close()
+        self.sampling.close()
         await self.embedding.close()
 
     async def wait(self) -> None:

@@ -59,7 +59,82 @@ class Settings:
     load_retry_seconds: float = field(
         default=2.0, metadata={"help": "wait between attempts to load a missing model"}
     )
+    triton_url: str = field(
+        default="localhost:8001", metadata={"help": "--backend triton: Triton's gRPC host:port"}
+    )
+    triton_model_version: str = field(
+        default="", metadata={"help": "model version on Triton ('' = the newest ready one)"}
+    )
+    triton_timeout_seconds: float = field(
+        default=30.0, metadata={"help": "deadline of one inference call to Triton"}
+    )
+    triton_connect_timeout_seconds: float = field(
+        default=5.0, metadata={"help": "deadline of Triton readiness and metadata calls"}
+    )
+    triton_check_seconds: float = field(
+        default=1.0,
+        metadata={"help": "how often Triton's model readiness is polled (health follows it)"},
+    )
+    triton_tls: bool = field(default=False, metadata={"help": "connect to Triton over TLS"})
+    triton_root_certificates: str = field(
+        default="", metadata={"help": "TLS: PEM CA bundle for Triton ('' = system roots)"}
+    )
+    triton_private_key: str = field(
+        default="", metadata={"help": "TLS: PEM client key, for mutual TLS with Triton"}
+    )
+    triton_certificate_chain: str = field(
+        default="", metadata={"help": "TLS: PEM client certificate chain, for mutual TLS"}
+    )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
+    sampling_max_identities: int = field(
+        default=2_000_000, metadata={"help": "identities accepted in one Sampling.BuildEpoch"}
+    )
+    sampling_max_builds: int = field(
+        default=2,
+        metadata={"help": "BuildEpoch calls run at once; more get RESOURCE_EXHAUSTED"},
+    )
+    sampling_knn_block: int = field(
+        default=2048,
+        metadata={"help": "kNN tile side: memory is about 4 * block^2 * 4 bytes per build"},
+    )
+    sampling_knn_precision: str = field(
+        default="fp32",
+        metadata={"help": "kNN similarities: fp32 (exact) or bf16 (~3x faster, recall ~0.98)"},
+    )
+
+    gallery_path: Path = field(
+        default=Path("~/.local/share/adaface-serving/galleries.sqlite3"),
+        metadata={"help": "SQLite file holding every gallery (the source of truth)"},
+    )
+    gallery_dtype: str = field(
+        default="float32",
+        metadata={"help": "in-memory gallery vectors: float32 or float16 (half the memory)"},
+    )
+    gallery_index: str = field(
+        default="exact",
+        metadata={"help": "gallery search index: exact, or hnsw (approximate; needs faiss-cpu)"},
+    )
+    gallery_hnsw_m: int = field(default=32, metadata={"help": "hnsw: graph neighbours per node"})
+    gallery_hnsw_ef_search: int = field(
+        default=128, metadata={"help": "hnsw: search breadth (higher: better recall, slower)"}
+    )
+    gallery_search_chunk_mb: int = field(
+        default=64, metadata={"help": "gallery search: score-matrix memory per chunk, MiB"}
+    )
+    gallery_search_workers: int = field(
+        default=2, metadata={"help": "gallery searches run at once (each uses BLAS threads)"}
+    )
+    gallery_compact_ratio: float = field(
+        default=0.25,
+        metadata={"help": "compact a gallery's index when removed rows exceed this fraction"},
+    )
+    gallery_max_import_bytes: int = field(
+        default=8 * 1024**3, metadata={"help": "largest Gallery.Import upload, bytes"}
+    )
+    verify_threshold: float = field(
+        default=0.3,
+        metadata={"help": "Gallery.Verify default decision threshold on cosine (tune per model)"},
+    )
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -69,6 +144,15 @@ def _convert(kind: type, text: str) -> object:
     if kind is bool:
         return text.lower() in ("1", "true", "yes", "on")
     return kind(text)
+
+
+def _parse_bool(text: str) -> bool:
+    # argparse's type=bool would turn "--flag false" into True.
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -95,7 +179,7 @@ def parse_settings(
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
-            type=kind,
+            type=_parse_bool if kind is bool else kind,
             default=default,
             help=f"{f.metadata.get('help', '')} (env {env_name}; default {default})",
         )
@@ -119,10 +203,62 @@ def validate(s: Settings) -> list[str]:
         "max_stream_inflight",
         "preprocess_workers",
         "max_message_bytes",
+        "sampling_max_identities",
+        "sampling_max_builds",
+        "sampling_knn_block",
     ):
         if getattr(s, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if s.sampling_knn_precision not in ("fp32", "bf16"):
+        problems.append(
+            f"--sampling-knn-precision must be fp32 or bf16, got {s.sampling_knn_precision!r}"
+        )
+    problems.extend(validate_gallery(s))
+    problems.extend(validate_triton(s))
     for name in ("threads", "max_batch_size"):
         if getattr(s, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0")
+    return problems
+
+
+def validate_gallery(s: Settings) -> list[str]:
+    problems = []
+    if s.gallery_dtype not in ("float32", "float16"):
+        problems.append(f"--gallery-dtype must be float32 or float16, got {s.gallery_dtype!r}")
+    if s.gallery_index not in ("exact", "hnsw"):
+        problems.append(f"--gallery-index must be exact or hnsw, got {s.gallery_index!r}")
+    for name in (
+        "gallery_hnsw_m",
+        "gallery_hnsw_ef_search",
+        "gallery_search_chunk_mb",
+        "gallery_search_workers",
+        "gallery_max_import_bytes",
+    ):
+        if getattr(s, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0.0 < s.gallery_compact_ratio <= 1.0:
+        problems.append(f"--gallery-compact-ratio must be in (0, 1], got {s.gallery_compact_ratio}")
+    if not -1.0 <= s.verify_threshold <= 1.0:
+        problems.append(f"--verify-threshold must be in [-1, 1], got {s.verify_threshold}")
+    return problems
+
+
+def validate_triton(s: Settings) -> list[str]:
+    problems = []
+    for name in (
+        "triton_timeout_seconds",
+        "triton_connect_timeout_seconds",
+        "triton_check_seconds",
+    ):
+        if getattr(s, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be > 0")
+    if s.backend == "triton" and ":" not in s.triton_url:
+        problems.append(f"--triton-url must be host:port, got {s.triton_url!r}")
+    certificates = (s.triton_root_certificates, s.triton_private_key, s.triton_certificate_chain)
+    if any(certificates) and not s.triton_tls:
+        problems.append(
+            "--triton-root-certificates/-private-key/-certificate-chain need --triton-tls true"
+        )
+    if bool(s.triton_private_key) != bool(s.triton_certificate_chain):
+        problems.append("--triton-private-key and --triton-certificate-chain go together")
     return problems

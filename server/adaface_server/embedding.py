@@ -14,7 +14,13 @@ from . import __version__
 from .backends.base import Backend
 from .batching import DynamicBatcher
 from .config import Settings
-from .errors import InvalidArgument, Unavailable, Unimplemented
+from .errors import (
+    InvalidArgument,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    Unimplemented,
+)
 from .fusion import fuse_flip_pairs
 from .preprocess.decode import DecodeLimits, ImageRejected
 from .preprocess.pipeline import AlignMode, ImageItem, face_crop, to_model_input
@@ -61,6 +67,9 @@ class EmbeddingService:
         )
         self._batcher: DynamicBatcher | None = None
         self._ready = False
+        # Rows sent to a backend that batches on its side (Triton), bounded by max_queue.
+        self._inflight_rows = 0
+        self._failure: str | None = None  # why loading gave up, for UNAVAILABLE messages
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -71,7 +80,11 @@ class EmbeddingService:
             try:
                 await self.backend.load()
                 break
-            except Unavailable as exc:
+            except ServiceError as exc:
+                if not isinstance(exc, Unavailable):
+                    # e.g. Triton serves a model with other tensors: retrying cannot help.
+                    self._failure = str(exc)
+                    raise
                 if str(exc) != last_message:
                     log.warning(
                         "model not available yet, retrying every %.1fs: %s",
@@ -116,13 +129,15 @@ class EmbeddingService:
 
     @property
     def queued_rows(self) -> int:
-        return self._batcher.queued_rows if self._batcher else 0
+        return self._batcher.queued_rows if self._batcher else self._inflight_rows
 
     def info(self) -> ModelInfo:
         spec = self._spec()
         meta = spec.metadata
         if spec.untrained:
             weights = "RANDOM, UNTRAINED weights: embeddings are meaningless"
+        elif meta.get("weights") == "unknown":
+            weights = f"unknown: no local metadata.json for the model on {self.backend.target}"
         else:
             weights = f"checkpoint {meta.get('checkpoint') or '?'}"
         return ModelInfo(
@@ -138,8 +153,17 @@ class EmbeddingService:
         )
 
     def _spec(self):
-        if not self.ready():
-            raise Unavailable(f"model {self.settings.model!r} is not ready (loading or warming up)")
+        if not self._ready and self._failure is not None:
+            raise Unavailable(f"model {self.settings.model!r} cannot be served: {self._failure}")
+        if not self._ready:
+            raise Unavailable(
+                f"model {self.settings.model!r} is not ready (loading or warming up; "
+                f"{self.backend.target})"
+            )
+        if not self.backend.ready():
+            raise Unavailable(
+                f"model {self.settings.model!r} is not ready: {self.backend.target} is unavailable"
+            )
         return self.backend.spec
 
     # -- embedding ---------------------------------------------------------------------
@@ -193,7 +217,18 @@ class EmbeddingService:
         if self._batcher is not None:
             return await self._batcher.submit(batch, group=group)
         # Backends that batch on their side get concurrent chunks, no added delay.
+        rows = len(batch)
+        if self._inflight_rows and self._inflight_rows + rows > self.settings.max_queue:
+            raise ResourceExhausted(
+                f"server overloaded: {self._inflight_rows} images in flight to "
+                f"{self.backend.target}, {rows} more would exceed the queue limit of "
+                f"{self.settings.max_queue} (max_queue)"
+            )
         step = self.backend.max_batch_size - self.backend.max_batch_size % group
-        chunks = [batch[i : i + step] for i in range(0, len(batch), step)]
-        results = await asyncio.gather(*(self.backend.infer(c) for c in chunks))
+        chunks = [batch[i : i + step] for i in range(0, rows, step)]
+        self._inflight_rows += rows
+        try:
+            results = await asyncio.gather(*(self.backend.infer(c) for c in chunks))
+        finally:
+            self._inflight_rows -= rows
         return np.concatenate([e for e, _ in results]), np.concatenate([n for _, n in results])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -63,6 +64,10 @@ class ServerThread:
 
 
 def server_settings(repository: Path, model: str, **overrides: object) -> Settings:
+    """Test settings; each server gets its own throw-away gallery file unless one is given,
+    so tests never touch (or lock) the user's default gallery store."""
+    if "gallery_path" not in overrides:
+        overrides["gallery_path"] = Path(tempfile.mkdtemp(prefix="adaface-gallery-")) / "g.db"
     base = Settings(
         model_repository=repository,
         model=model,

@@ -1,4 +1,5 @@
-"""Embedder RPCs on a real server: numerics against an independent reference, streams, health."""
+"""Embedder RPCs on a real server, embedded and Triton backends: numerics against an
+independent reference, streams, health."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from PIL import Image
 
 from adaface.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc
 from adaface_server.preprocess.align import ADAFACE_TEMPLATE_112, align_face
+
+from .conftest import BACKENDS
+
+# Every test here runs against the embedded backend and against a real Triton.
+pytestmark = pytest.mark.parametrize("embed_server", BACKENDS, indirect=True)
 
 ATOL = 1e-5
 
@@ -74,7 +80,7 @@ def test_info_describes_model_and_limits(stub, embed_server):
     assert info.arch == "ir_18" and info.embedding_dim == 512
     assert info.max_batch_size == spec.max_batch_size == 16
     assert info.max_images_per_request == 32
-    assert info.backend == "torchscript"
+    assert info.backend == embed_server.settings.backend
     assert info.model_checksum == spec.checksum and len(info.model_checksum) == 64
     assert info.untrained and "UNTRAINED" in info.weights
     assert list(info.alignments) == [common_pb2.ALIGNMENT_ALIGNED, common_pb2.ALIGNMENT_LANDMARKS]

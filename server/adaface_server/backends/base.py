@@ -15,6 +15,8 @@ class Backend(Protocol):
     """Runs the exported model on preprocessed batches [B,3,112,112] float32."""
 
     name: str
+    #: Where the model runs, for error messages (e.g. "Triton at triton:8001").
+    target: str
     #: True when the server must coalesce requests itself; False when the backend
     #: (e.g. Triton's dynamic batcher) already does.
     needs_batching: bool

@@ -21,6 +21,7 @@ class TorchScriptBackend:
     Triton reads, so the embedded and Triton backends cannot disagree."""
 
     name = "torchscript"
+    target = "the embedded TorchScript backend"
     needs_batching = True
 
     def __init__(self, settings: Settings) -> None:

@@ -3,7 +3,9 @@
 Usage: ``adaface-export --checkpoint adaface_ir50_ms1mv2.ckpt --arch ir_50`` writes
 ``model_repository/adaface_ir50/{config.pbtxt,1/model.pt,1/metadata.json}``. Without
 ``--checkpoint`` the weights are random (seeded) and the embeddings meaningless: that mode
-exists for tests and benchmarks and says so loudly.
+exists for tests and benchmarks and says so loudly. ``--python-backend DIR`` also writes a
+Triton python-backend twin (same tensors and batching, ``model.py`` running the same
+``model.pt``) into ``DIR/<name>``, for Triton builds without the PyTorch backend.
 
 Graph choice (measured with ``bench/bench_model.py``-style runs, random ir_50, torch 2.13 CPU,
 2-core AVX-512 EPYC, best of 3 x 2 s; a busy neighbour makes absolute figures drift):
@@ -70,9 +72,12 @@ from adaface_server.models.repository import (
     METADATA_FILENAME,
     MODEL_FILENAME,
     NORM_NAME,
+    ModelRepositoryError,
     atomic_write_bytes,
     build_model_config,
     format_model_config,
+    load_model_spec,
+    parse_model_config,
 )
 
 EXPORTER_VERSION = "1"
@@ -360,11 +365,104 @@ def export_model(
     )
 
 
+PYTHON_BACKEND_TEMPLATE = Path(__file__).resolve().with_name("triton_python_model.py")
+
+
+def render_python_backend_config(config_text: str, threads: int = 0) -> str:
+    """The python-backend twin's config.pbtxt: same tensors, batching and warm-up as
+    config_text, served by Triton's python backend instead of libtorch."""
+    config = parse_model_config(config_text)
+    config.ClearField("platform")
+    config.backend = "python"
+    # INFERENCE_MODE is a libtorch-backend parameter; the twin always runs in inference mode.
+    config.parameters.pop("INFERENCE_MODE", None)
+    if threads:
+        # The libtorch backend's name for the same knob, read by the twin's model.py.
+        config.parameters["INTRA_OP_THREAD_COUNT"].string_value = str(threads)
+    return format_model_config(config)
+
+
+def export_python_backend(
+    repository: Path | str,
+    name: str,
+    twin_repository: Path | str,
+    *,
+    version: int | None = None,
+    threads: int = 0,
+) -> Path:
+    """Write a python-backend twin of repository/name into twin_repository/name.
+
+    For Triton builds without the PyTorch backend (e.g. the tritonserver in nvidia-pytriton):
+    same model name, tensor names, shapes, max_batch_size and dynamic batching; `model.py`
+    (this package's triton_python_model.py) runs a copy of the exported model.pt and moves
+    tensors by DLPack. Returns the twin's version directory.
+    """
+    source_root = Path(repository) / name
+    spec = load_model_spec(repository, name)
+    if version is not None and version != spec.version:
+        spec_dir = source_root / str(version)
+        if not (spec_dir / MODEL_FILENAME).is_file():
+            raise ModelRepositoryError(f"{spec_dir / MODEL_FILENAME} does not exist")
+    else:
+        version = spec.version
+        spec_dir = spec.model_dir
+    config_text = (source_root / CONFIG_FILENAME).read_text()
+    twin_root = Path(twin_repository) / name
+    if twin_root.resolve() == source_root.resolve():
+        raise ValueError("the python-backend twin needs its own repository directory")
+    twin_dir = twin_root / str(version)
+    twin_dir.mkdir(parents=True, exist_ok=True)
+    for filename in (MODEL_FILENAME, METADATA_FILENAME):
+        target = twin_dir / filename
+        target.unlink(missing_ok=True)
+        try:
+            # A hard link shares the (large) weights file when both trees are on one disk.
+            os.link(spec_dir / filename, target)
+        except OSError:
+            atomic_write_bytes(target, (spec_dir / filename).read_bytes())
+    atomic_write_bytes(twin_dir / "model.py", PYTHON_BACKEND_TEMPLATE.read_bytes())
+    config_path = twin_root / CONFIG_FILENAME
+    atomic_write_bytes(config_path, render_python_backend_config(config_text, threads).encode())
+    log.info("wrote python-backend twin of %s to %s", name, twin_root)
+    return twin_dir
+
+
 def build_copy(model: nn.Module, arch: str) -> nn.Module:
     """A fresh arch instance holding model's weights (cheaper than deepcopy, no hooks)."""
     twin = build_model(arch)
     twin.load_state_dict(model.state_dict(), strict=True)
     return twin.eval()
+
+
+def _optional_path(text: str) -> Path | None:
+    # "" means "no checkpoint", so a compose file can pass an unset variable through.
+    return Path(text) if text else None
+
+
+def existing_export_matches(
+    repository: Path | str,
+    name: str,
+    version: int,
+    arch: str,
+    checkpoint: Path | None,
+    seed: int = 0,
+) -> bool:
+    """True when repository/name/version already holds an export of these weights."""
+    model_dir = Path(repository) / name / str(version)
+    try:
+        metadata = json.loads((model_dir / METADATA_FILENAME).read_text())
+    except (OSError, ValueError):
+        return False
+    if not (model_dir / MODEL_FILENAME).is_file() or metadata.get("arch") != arch:
+        return False
+    if not (Path(repository) / name / CONFIG_FILENAME).is_file():
+        return False
+    if checkpoint is None:
+        return metadata.get("weights") == WEIGHTS_RANDOM and metadata.get("seed") == seed
+    try:
+        return metadata.get("checkpoint_sha256") == _sha256(Path(checkpoint))
+    except OSError:
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--checkpoint",
-        type=Path,
+        type=_optional_path,
         default=None,
         help="AdaFace .ckpt or backbone .pth; omitted = RANDOM untrained weights (tests only)",
     )
@@ -394,6 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="none: plain trace; freeze: inline weights and fold conv+BN (default)",
     )
     parser.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing when the repository already holds this export (same arch, same "
+        "checkpoint or random seed): lets a compose init service run on every start",
+    )
+    parser.add_argument(
+        "--python-backend",
+        type=Path,
+        default=None,
+        metavar="TWIN_REPOSITORY",
+        help="also write a Triton python-backend twin of the model into this repository "
+        "(for Triton builds without the PyTorch backend)",
+    )
+    parser.add_argument(
         "--no-channels-last",
         dest="channels_last",
         action="store_false",
@@ -407,6 +519,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     name = args.name or default_model_name(args.arch)
+    if args.if_missing and existing_export_matches(
+        args.repository, name, args.version, args.arch, args.checkpoint, args.seed
+    ):
+        print(f"{args.repository / name / str(args.version)} already holds this export; skipped")
+        return 0
     try:
         report = export_model(
             args.checkpoint,
@@ -421,16 +538,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             channels_last=args.channels_last,
             max_queue_delay_us=args.max_queue_delay_us,
         )
+        if args.python_backend is not None:
+            twin_dir = export_python_backend(
+                args.repository, name, args.python_backend, version=args.version
+            )
     except ExportError as error:
         print(f"adaface-export: verification failed: {error}", file=sys.stderr)
         return 1
-    except (CheckpointError, ValueError, OSError) as error:
+    except (CheckpointError, ModelRepositoryError, ValueError, OSError) as error:
         print(f"adaface-export: error: {error}", file=sys.stderr)
         return 2
     print(f"model:        {report.model_path}")
     print(f"config:       {report.config_path}")
     print(f"metadata:     {report.metadata_path}")
     print(f"sha256:       {report.model_sha256}")
+    if args.python_backend is not None:
+        print(f"python twin:  {twin_dir}")
     print(f"max abs diff of embeddings (TorchScript vs eager): {report.max_abs_diff:.3g}")
     print(f"max rel diff of norms (TorchScript vs eager):      {report.max_rel_norm_diff:.3g}")
     if report.untrained:

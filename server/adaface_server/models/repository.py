@@ -62,8 +62,11 @@ class ModelSpec:
 
     @property
     def untrained(self) -> bool:
-        """True when the weights are random (exported without a checkpoint)."""
-        return self.metadata.get("weights") != "checkpoint"
+        """True when the weights are random (exported without a checkpoint).
+
+        "unknown" (a Triton model without a local metadata.json) is not claimed untrained.
+        """
+        return self.metadata.get("weights") not in ("checkpoint", "unknown")
 
 
 def build_model_config(

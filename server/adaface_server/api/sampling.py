@@ -1,0 +1,104 @@
+"""Sampling gRPC servicer: streams identities into SamplingService, streams the index back."""
+
+from __future__ import annotations
+
+import grpc
+
+from adaface.v1 import sampling_pb2, sampling_pb2_grpc
+
+from ..errors import InvalidArgument
+from ..sampling.service import (
+    PrototypeEmbedder,
+    PrototypeTable,
+    SamplingOptions,
+    SamplingService,
+)
+from . import convert
+from .status import unary_errors
+
+
+def _options(msg: sampling_pb2.SamplingOptions) -> SamplingOptions:
+    return SamplingOptions(
+        batch_size=msg.batch_size,
+        num_instance=msg.num_instance,
+        seed=msg.seed,
+        epoch=msg.epoch,
+        dim=msg.dim,
+        flip=msg.flip_fusion,
+    )
+
+
+class SamplingServicer(sampling_pb2_grpc.SamplingServicer):
+    def __init__(self, service: SamplingService) -> None:
+        self._service = service
+
+    # A streaming reply written with context.write() lets unary_errors map failures to a
+    # status exactly as for unary calls; every check runs before the first write.
+    @unary_errors
+    async def BuildEpoch(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        with self._service.build_slot():
+            table, images = await self._receive(request_iterator)
+            try:
+                index = await self._service.build(table, images)
+            finally:
+                await images.cancel()
+            plan = index.plan
+            await context.write(
+                sampling_pb2.BuildEpochResponse(
+                    header=sampling_pb2.EpochHeader(
+                        num_identities=plan.num_batches,
+                        num_samples=plan.num_samples,
+                        length=plan.length,
+                        num_batches=plan.num_batches,
+                        batch_size=plan.batch_size,
+                        num_instance=plan.num_instance,
+                        position_bytes=int(index.position_dtype[-1]),
+                        knn_precision=index.knn_precision,
+                        model_name=index.model_name,
+                    )
+                )
+            )
+            async for chunk in self._service.positions(index):
+                await context.write(sampling_pb2.BuildEpochResponse(positions=chunk))
+            for chunk in self._service.cursor_chunks(index):
+                await context.write(sampling_pb2.BuildEpochResponse(cursors=chunk))
+
+    async def _receive(self, request_iterator) -> tuple[PrototypeTable, PrototypeEmbedder]:
+        table: PrototypeTable | None = None
+        images: PrototypeEmbedder | None = None
+        message = 0
+        try:
+            async for request in request_iterator:
+                if table is None or images is None:
+                    if not request.HasField("options"):
+                        raise InvalidArgument(
+                            "options: the first message must set options (batch_size, num_instance)"
+                        )
+                    table = self._service.table(_options(request.options))
+                    images = self._service.images(table)
+                elif request.HasField("options"):
+                    raise InvalidArgument(
+                        f"messages[{message}].options: only the first message may set options"
+                    )
+                for record in request.identities:
+                    kind = record.WhichOneof("prototype")
+                    image = None
+                    if kind == "image":
+                        image = convert.image_item(record.image, f"identities[{len(table)}].image")
+                    table.add(
+                        record.pid,
+                        record.sample_count,
+                        record.cursor,
+                        vector=record.vector if kind == "vector" else None,
+                        image=image,
+                    )
+                # Embeds full chunks of image prototypes while more identities arrive.
+                await images.feed()
+                message += 1
+        except BaseException:
+            if images is not None:
+                await images.cancel()
+            raise
+        if table is None or images is None:
+            raise InvalidArgument("options: empty request stream; send options first")
+        return table, images

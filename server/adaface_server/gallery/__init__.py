@@ -1,0 +1,1 @@
+"""Persistent face galleries: SQLite as the source of truth, in-memory exact search."""

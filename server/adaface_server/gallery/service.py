@@ -1,0 +1,847 @@
+"""The gallery service: named galleries of identities, 1:N search, 1:1 verify, import/export."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import re
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import Settings
+from ..embedding import EmbeddingService
+from ..errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+    Unavailable,
+)
+from ..preprocess.pipeline import ImageItem
+from . import store as db
+from .index import Change, ExactIndex, Hit, create_index
+from .store import GalleryRow, IdentityRow, SampleRow, Store
+from .transfer import TransferGallery, TransferIdentity, export_stream, parse_native, parse_seed_pth
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_IDENTITY_CHARS = 256
+MAX_METADATA_BYTES = 16384
+MAX_TOP_K = 1000
+DEFAULT_TOP_K = 10
+MAX_PROBES = 1024
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+DEFAULT_DIM = 512
+SCORINGS = ("max", "mean")
+MODES = ("create", "append", "upsert")
+FORMATS = ("native", "seed_pth")
+
+
+@dataclass(frozen=True)
+class SampleInput:
+    """One enroll/search/verify input: an image to embed, or a precomputed vector."""
+
+    image: ImageItem | None = None
+    vector: np.ndarray | None = None  # float32 as sent (validated against the gallery's dim)
+    dim: int = 0  # the sender's declared length; 0 when not given
+    norm: float = 0.0
+
+
+@dataclass(frozen=True)
+class SampleOutcome:
+    """A vector ready to use, or why the input produced none (per-image problems only)."""
+
+    vector: np.ndarray | None = None  # unit float32
+    norm: float = 0.0
+    sample_id: int = 0
+    error_reason: str | None = None
+    error_message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.vector is not None
+
+
+@dataclass(frozen=True)
+class EnrollResult:
+    identity: str
+    created: bool
+    samples: list[SampleOutcome]
+    sample_count: int
+
+
+@dataclass(frozen=True)
+class ProbeOutcome:
+    hits: list[Hit] = field(default_factory=list)
+    error_reason: str | None = None
+    error_message: str = ""
+
+
+@dataclass(frozen=True)
+class VerifyOperand:
+    """An image or vector (`sample`), or an enrolled identity."""
+
+    sample: SampleInput | None = None
+    identity: str | None = None
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    score: float
+    match: bool
+    threshold: float
+    a_sample_id: int = 0
+    b_sample_id: int = 0
+
+
+@dataclass(frozen=True)
+class GalleryView:
+    name: str
+    model_checksum: str
+    model_name: str
+    dim: int
+    identity_count: int
+    sample_count: int
+    created_at: float
+    metadata: dict[str, str]
+    index: str
+    dtype: str
+    index_bytes: int
+
+
+class _Gallery:
+    """In-memory state of one gallery; counters change only in the writer thread."""
+
+    def __init__(self, row: GalleryRow, index: ExactIndex, identities: int, samples: int):
+        self.row = row
+        self.index = index
+        self.identities = identities
+        self.samples = samples
+
+    def view(self) -> GalleryView:
+        r = self.row
+        return GalleryView(
+            name=r.name,
+            model_checksum=r.model_checksum,
+            model_name=r.model_name,
+            dim=r.dim,
+            identity_count=self.identities,
+            sample_count=self.samples,
+            created_at=r.created_at,
+            metadata=dict(r.metadata),
+            index=self.index.kind,
+            dtype=self.index.dtype,
+            index_bytes=self.index.stats().nbytes,
+        )
+
+
+class GalleryService:
+    """Owns the SQLite store, one in-memory index per gallery, and the read/search threads."""
+
+    def __init__(self, settings: Settings, embedding: EmbeddingService) -> None:
+        self.settings = settings
+        self.embedding = embedding
+        self.store = Store(settings.gallery_path)
+        self._galleries: dict[str, _Gallery] = {}
+        self._reads = ThreadPoolExecutor(
+            max_workers=settings.gallery_search_workers, thread_name_prefix="gallery-read"
+        )
+        self._ready = False
+        self._open_error: ServiceError | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Opens the store and rebuilds every index; failures are logged and reported by
+        every gallery call (the embedding service keeps working)."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self._open)
+        except ServiceError as exc:
+            self._open_error = exc
+            log.error("gallery store unavailable: %s", exc)
+        except Exception as exc:
+            self._open_error = Internal(f"gallery store {self.store.path} failed to open: {exc}")
+            log.exception("opening the gallery store failed")
+
+    def _open(self) -> None:
+        started = time.perf_counter()
+        self.store.open()
+        conn = self.store.reader()
+        for row in db.load_galleries(conn):
+            self._galleries[row.name] = self._rebuild(conn, row)
+        self._ready = True
+        log.info(
+            "gallery store %s: %d galleries, %d samples indexed in %.2fs",
+            self.store.path,
+            len(self._galleries),
+            sum(g.samples for g in self._galleries.values()),
+            time.perf_counter() - started,
+        )
+
+    def _new_index(self, dim: int, capacity: int = 0) -> ExactIndex:
+        s = self.settings
+        return create_index(
+            s.gallery_index,
+            dim,
+            s.gallery_dtype,
+            s.gallery_search_chunk_mb << 20,
+            s.gallery_compact_ratio,
+            capacity=max(capacity, 1024),
+            hnsw_m=s.gallery_hnsw_m,
+            hnsw_ef_search=s.gallery_hnsw_ef_search,
+        )
+
+    def _rebuild(self, conn: sqlite3.Connection, row: GalleryRow) -> _Gallery:
+        identities, live, samples = db.gallery_counts(conn, row.gallery_id)
+        index = self._new_index(row.dim, samples)
+        names = db.identity_names(conn, row.gallery_id)
+        first = True
+        for keys, labels, vectors in db.iter_sample_blocks(conn, row.gallery_id, row.dim):
+            index.apply(
+                [
+                    Change(
+                        add_keys=keys,
+                        add_labels=labels,
+                        add_vectors=vectors,
+                        names=names if first else {},
+                        identity_delta=live if first else 0,
+                    )
+                ]
+            )
+            first = False
+        if first:
+            index.apply([Change(names=names, identity_delta=live)])
+        return _Gallery(row, index, identities, samples)
+
+    async def close(self) -> None:
+        self._ready = False
+        await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+        self._reads.shutdown(wait=False, cancel_futures=True)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._open_error is not None:
+            raise self._open_error
+        if not self._ready:
+            raise Unavailable(f"gallery store {self.store.path} is loading")
+
+    def _gallery(self, name: str) -> _Gallery:
+        self._check_open()
+        g = self._galleries.get(name)
+        if g is None:
+            raise NotFound(f"gallery {name!r} not found")
+        return g
+
+    async def _write(self, op: db.Op):
+        return await asyncio.wrap_future(self.store.submit(op))
+
+    async def _read(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._reads, fn, *args)
+
+    def _served(self) -> tuple[str, str]:
+        info = self.embedding.info()  # UNAVAILABLE while the model loads
+        return info.model_checksum, info.model_name
+
+    def _check_pin(self, g: GalleryRow, images: bool, vectors: bool, declared: str) -> None:
+        """Images are embedded by the served model; vectors come from `declared` (or it)."""
+        if not (images or vectors):
+            return
+        pinned = f"{g.model_checksum} ({g.model_name or 'name unknown'})"
+        if images or not declared:
+            served, served_name = self._served()
+            if served != g.model_checksum:
+                raise FailedPrecondition(
+                    f"gallery {g.name!r} is pinned to model {pinned}, but this server serves "
+                    f"model {served} ({served_name}); serve the gallery's model or use a "
+                    "gallery built with this one"
+                )
+        if vectors and declared and declared != g.model_checksum:
+            raise FailedPrecondition(
+                f"gallery {g.name!r} is pinned to model {pinned}, but the vectors come from "
+                f"model {declared} (model_checksum)"
+            )
+
+    async def _outcomes(
+        self, inputs: Sequence[SampleInput], field_name: str, dim: int, flip: bool
+    ) -> list[SampleOutcome]:
+        """Embeds the images, validates the vectors; per-image failures become outcomes."""
+        out: list[SampleOutcome | None] = [None] * len(inputs)
+        for i, s in enumerate(inputs):
+            if s.vector is not None:
+                unit = check_vector(s.vector, s.dim, dim, f"{field_name}[{i}].vector")
+                out[i] = SampleOutcome(vector=unit, norm=s.norm)
+        images = [i for i, s in enumerate(inputs) if s.image is not None]
+        if images:
+            limit = self.settings.max_images_per_request
+            if len(images) > limit:
+                raise InvalidArgument(
+                    f"{field_name}: at most {limit} images per request "
+                    f"(max_images_per_request), got {len(images)}"
+                )
+            items = [inputs[i].image for i in images]
+            results = await self.embedding.embed(items, flip=flip)  # type: ignore[arg-type]
+            for j, (i, r) in enumerate(zip(images, results, strict=True)):
+                if r.ok:
+                    vec = np.asarray(r.embedding, np.float32)
+                    if vec.size != dim:
+                        raise FailedPrecondition(
+                            f"{field_name}[{i}]: the model gives {vec.size}-d embeddings, "
+                            f"the gallery holds {dim}-d vectors"
+                        )
+                    out[i] = SampleOutcome(vector=vec, norm=r.norm)
+                else:
+                    message = r.error_message
+                    # The embedder counts images within its own call; name the caller's field.
+                    prefix = f"images[{j}]"
+                    if message.startswith(prefix):
+                        message = message[len(prefix) :]
+                    out[i] = SampleOutcome(
+                        error_reason=r.error_reason,
+                        error_message=f"{field_name}[{i}]{message}",
+                    )
+        return out  # type: ignore[return-value]
+
+    # -- galleries -----------------------------------------------------------------------
+
+    async def create(
+        self, name: str, model_checksum: str, dim: int, metadata: dict[str, str]
+    ) -> GalleryView:
+        self._check_open()
+        check_name(name, "name")
+        check_metadata(metadata, "metadata")
+        model_name = ""
+        if not model_checksum:
+            model_checksum, model_name = self._served()
+            model_dim = self.embedding.info().embedding_dim
+            if dim and dim != model_dim:
+                raise InvalidArgument(f"dim: the served model gives {model_dim}, got {dim}")
+            dim = model_dim
+        elif not re.fullmatch(r"[0-9a-f]{64}", model_checksum):
+            raise InvalidArgument(
+                f"model_checksum: need 64 lowercase hex digits (sha256), got {model_checksum!r}"
+            )
+        dim = dim or DEFAULT_DIM
+        if not 1 <= dim <= 65536:
+            raise InvalidArgument(f"dim: must be 1..65536, got {dim}")
+        if name in self._galleries:
+            raise AlreadyExists(f"gallery {name!r} already exists")
+        index = self._new_index(dim)
+
+        def op(conn):
+            try:
+                row = db.insert_gallery(conn, name, model_checksum, model_name, dim, metadata)
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"gallery {name!r} already exists") from None
+            g = _Gallery(row, index, 0, 0)
+
+            def after() -> None:
+                self._galleries[name] = g
+
+            return g, after
+
+        g = await self._write(op)
+        return g.view()
+
+    def get(self, name: str) -> GalleryView:
+        return self._gallery(name).view()
+
+    def list(self) -> list[GalleryView]:
+        self._check_open()
+        return [g.view() for _, g in sorted(self._galleries.items())]
+
+    async def delete(self, name: str) -> tuple[int, int]:
+        g = self._gallery(name)
+
+        def op(conn):
+            if not db.gallery_exists(conn, g.row.gallery_id):
+                raise NotFound(f"gallery {name!r} not found")
+            counts = db.delete_gallery(conn, g.row.gallery_id)
+
+            def after() -> None:
+                if self._galleries.get(name) is g:
+                    del self._galleries[name]
+
+            return counts, after
+
+        return await self._write(op)
+
+    # -- identities ----------------------------------------------------------------------
+
+    async def enroll(
+        self,
+        gallery: str,
+        identity: str,
+        metadata: dict[str, str],
+        samples: Sequence[SampleInput],
+        mode: str = "create",
+        flip: bool = False,
+        model_checksum: str = "",
+    ) -> EnrollResult:
+        g = self._gallery(gallery)
+        check_identity(identity, "identity")
+        check_metadata(metadata, "metadata")
+        if mode not in MODES:
+            raise InvalidArgument(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
+        if not samples:
+            raise InvalidArgument("samples: at least one sample is required")
+        if len(samples) > self.settings.max_images_per_request:
+            raise InvalidArgument(
+                f"samples: at most {self.settings.max_images_per_request} per request "
+                f"(max_images_per_request), got {len(samples)}"
+            )
+        has_images = any(s.image is not None for s in samples)
+        has_vectors = any(s.vector is not None for s in samples)
+        self._check_pin(g.row, has_images, has_vectors, model_checksum)
+        outcomes = await self._outcomes(samples, "samples", g.row.dim, flip)
+        good = [i for i, o in enumerate(outcomes) if o.ok]
+        if not good:
+            raise InvalidArgument(
+                f"identity {identity!r}: no sample could be enrolled: "
+                + "; ".join(o.error_message for o in outcomes[:5])
+            )
+        vectors = np.stack([outcomes[i].vector for i in good]).astype(np.float32)
+        norms = np.asarray([outcomes[i].norm for i in good], np.float32)
+        gid = g.row.gallery_id
+
+        def op(conn):
+            if not db.gallery_exists(conn, gid):
+                raise NotFound(f"gallery {gallery!r} not found")
+            existing = db.find_identity(conn, gid, identity)
+            if existing is not None and mode == "create":
+                raise AlreadyExists(f"identity {identity!r} already exists in gallery {gallery!r}")
+            if existing is None and mode == "append":
+                raise NotFound(f"identity {identity!r} not found in gallery {gallery!r}")
+            if existing is None:
+                identity_id, before = db.insert_identity(conn, gid, identity, metadata), 0
+            else:
+                identity_id, before = existing.identity_id, existing.sample_count
+                if metadata:
+                    db.set_identity_metadata(conn, identity_id, metadata)
+            ids = db.insert_samples(conn, gid, identity_id, vectors, norms)
+            change = Change(
+                add_keys=ids,
+                add_labels=np.full(len(ids), identity_id, np.int64),
+                add_vectors=vectors,
+                names={identity_id: identity},
+                identity_delta=1 if before == 0 else 0,
+            )
+
+            def after() -> None:
+                g.index.apply([change])
+                g.identities += existing is None
+                g.samples += len(ids)
+
+            return (existing is None, ids, before + len(ids)), after
+
+        created, ids, count = await self._write(op)
+        for i, sid in zip(good, ids.tolist(), strict=True):
+            outcomes[i] = SampleOutcome(sample_id=sid, norm=outcomes[i].norm)
+        return EnrollResult(identity, created, outcomes, count)
+
+    async def remove_samples(self, gallery: str, sample_ids: Sequence[int]) -> tuple[int, int]:
+        g = self._gallery(gallery)
+        if not sample_ids:
+            raise InvalidArgument("sample_ids: at least one id is required")
+        wanted = list(dict.fromkeys(int(s) for s in sample_ids))
+
+        def op(conn):
+            owners = db.sample_owners(conn, g.row.gallery_id, wanted)
+            missing = [s for s in wanted if s not in owners]
+            if missing:
+                raise NotFound(f"sample {missing[0]} not found in gallery {gallery!r}")
+            emptied = db.delete_samples(conn, owners)
+            change = Change(remove_keys=np.asarray(wanted, np.int64), identity_delta=-len(emptied))
+
+            def after() -> None:
+                g.index.apply([change])
+                g.samples -= len(wanted)
+
+            return (0, len(wanted)), after
+
+        return await self._write(op)
+
+    async def remove_identity(self, gallery: str, identity: str) -> tuple[int, int]:
+        g = self._gallery(gallery)
+
+        def op(conn):
+            found = db.find_identity(conn, g.row.gallery_id, identity)
+            if found is None:
+                raise NotFound(f"identity {identity!r} not found in gallery {gallery!r}")
+            ids = db.delete_identity(conn, found.identity_id)
+            change = Change(
+                remove_keys=np.asarray(ids, np.int64),
+                identity_delta=-1 if found.sample_count else 0,
+            )
+
+            def after() -> None:
+                g.index.apply([change])
+                g.identities -= 1
+                g.samples -= len(ids)
+
+            return (1, len(ids)), after
+
+        return await self._write(op)
+
+    async def get_identity(
+        self, gallery: str, identity: str, include_vectors: bool
+    ) -> tuple[IdentityRow, list[SampleRow]]:
+        g = self._gallery(gallery)
+
+        def read():
+            conn = self.store.reader()
+            found = db.find_identity(conn, g.row.gallery_id, identity)
+            if found is None:
+                raise NotFound(f"identity {identity!r} not found in gallery {gallery!r}")
+            return found, db.identity_samples(
+                conn, found.identity_id, g.row.dim, with_vectors=include_vectors
+            )
+
+        return await self._read(read)
+
+    async def list_identities(
+        self, gallery: str, page_size: int, page_token: str
+    ) -> tuple[list[IdentityRow], str]:
+        g = self._gallery(gallery)
+        size = page_size or DEFAULT_PAGE_SIZE
+        if not 1 <= size <= MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size: must be 0..{MAX_PAGE_SIZE}, got {page_size}")
+        after = _decode_token(page_token)
+
+        def read():
+            return db.list_identities(self.store.reader(), g.row.gallery_id, after, size + 1)
+
+        rows = await self._read(read)
+        token = _encode_token(rows[size - 1].name) if len(rows) > size else ""
+        return rows[:size], token
+
+    # -- search and verify ---------------------------------------------------------------
+
+    async def search(
+        self,
+        gallery: str,
+        probes: Sequence[SampleInput],
+        top_k: int = 0,
+        min_score: float | None = None,
+        scoring: str = "max",
+        flip: bool = False,
+        model_checksum: str = "",
+    ) -> tuple[list[ProbeOutcome], int]:
+        g = self._gallery(gallery)
+        if not probes:
+            raise InvalidArgument("probes: at least one probe is required")
+        if len(probes) > MAX_PROBES:
+            raise InvalidArgument(f"probes: at most {MAX_PROBES} per request, got {len(probes)}")
+        k = top_k or DEFAULT_TOP_K
+        if not 1 <= k <= MAX_TOP_K:
+            raise InvalidArgument(f"top_k: must be 0..{MAX_TOP_K}, got {top_k}")
+        if min_score is not None and not -1.0 <= min_score <= 1.0:
+            raise InvalidArgument(f"min_score: must be in [-1, 1], got {min_score}")
+        if scoring not in SCORINGS:
+            raise InvalidArgument(f"scoring: must be max or mean, got {scoring!r}")
+        self._check_pin(
+            g.row,
+            any(p.image is not None for p in probes),
+            any(p.vector is not None for p in probes),
+            model_checksum,
+        )
+        outcomes = await self._outcomes(probes, "probes", g.row.dim, flip)
+        good = [i for i, o in enumerate(outcomes) if o.ok]
+        results = [
+            ProbeOutcome(error_reason=o.error_reason, error_message=o.error_message)
+            for o in outcomes
+        ]
+        searched = g.index.snapshot.identities
+        if good:
+            matrix = np.stack([outcomes[i].vector for i in good])
+            hits, searched = await self._read(g.index.search, matrix, k, min_score, scoring)
+            for i, h in zip(good, hits, strict=True):
+                results[i] = ProbeOutcome(hits=h)
+        return results, searched
+
+    async def verify(
+        self,
+        gallery: str,
+        a: VerifyOperand,
+        b: VerifyOperand,
+        threshold: float | None = None,
+        scoring: str = "max",
+        flip: bool = False,
+        model_checksum: str = "",
+    ) -> VerifyResult:
+        if threshold is None:
+            threshold = self.settings.verify_threshold
+        if not -1.0 <= threshold <= 1.0:
+            raise InvalidArgument(f"threshold: must be in [-1, 1], got {threshold}")
+        if scoring not in SCORINGS:
+            raise InvalidArgument(f"scoring: must be max or mean, got {scoring!r}")
+        operands = {"a": a, "b": b}
+        for name, op in operands.items():
+            if (op.sample is None) == (op.identity is None):
+                raise InvalidArgument(f"{name}: set one of image, vector or identity")
+        g = self._gallery(gallery) if gallery else None
+        if g is None and (a.identity is not None or b.identity is not None):
+            raise InvalidArgument("gallery: required when an operand is an identity")
+        samples = {n: op.sample for n, op in operands.items() if op.sample is not None}
+        has_images = any(s.image is not None for s in samples.values())
+        has_vectors = any(s.vector is not None for s in samples.values())
+        if g is not None:
+            self._check_pin(g.row, has_images, has_vectors, model_checksum)
+            dim = g.row.dim
+        elif has_images:
+            dim = self.embedding.info().embedding_dim
+        else:
+            dim = next(s.vector.size for s in samples.values() if s.vector is not None)
+        sides: dict[str, tuple[np.ndarray, list[int]]] = {}
+        for name, s in samples.items():
+            outcome = (await self._outcomes([s], name, dim, flip))[0]
+            if not outcome.ok:
+                raise InvalidArgument(outcome.error_message.replace(f"{name}[0]", name, 1))
+            sides[name] = (outcome.vector[None, :], [0])  # type: ignore[index]
+        for name, op in operands.items():
+            if op.identity is not None:
+                assert g is not None
+                _, rows = await self.get_identity(gallery, op.identity, True)
+                if not rows:
+                    raise FailedPrecondition(
+                        f"{name}: identity {op.identity!r} in gallery {gallery!r} has no samples"
+                    )
+                vectors = np.stack([r.vector for r in rows]).astype(np.float32)
+                ids = [r.sample_id for r in rows]
+                if scoring == "mean":
+                    mean = vectors.sum(axis=0)
+                    vectors, ids = (mean / max(np.linalg.norm(mean), 1e-12))[None, :], [0]
+                sides[name] = (vectors, ids)
+        (va, ida), (vb, idb) = sides["a"], sides["b"]
+        scores = va @ vb.T
+        i, j = np.unravel_index(int(np.argmax(scores)), scores.shape)
+        score = float(scores[i, j])
+        return VerifyResult(score, score >= threshold, float(threshold), ida[i], idb[j])
+
+    # -- export / import -----------------------------------------------------------------
+
+    async def export(self, name: str) -> AsyncIterator[bytes]:
+        g = self._gallery(name)
+        conn = self.store.connect()
+        chunks = self._export_chunks(conn, g.row)
+        loop = asyncio.get_running_loop()
+        try:
+            while (
+                chunk := await loop.run_in_executor(self._reads, next, chunks, None)
+            ) is not None:
+                yield chunk
+        finally:
+            chunks.close()
+            conn.close()
+
+    def _export_chunks(self, conn: sqlite3.Connection, row: GalleryRow) -> Iterator[bytes]:
+        # One read transaction: the file is a consistent point-in-time copy.
+        conn.execute("BEGIN")
+        try:
+            if not db.gallery_exists(conn, row.gallery_id):
+                raise NotFound(f"gallery {row.name!r} not found")
+            header = {
+                "name": row.name,
+                "model_checksum": row.model_checksum,
+                "model_name": row.model_name,
+                "dim": row.dim,
+                "metadata": row.metadata,
+                "created_at": row.created_at,
+            }
+            yield from export_stream(
+                header, _group_export(db.iter_export_rows(conn, row.gallery_id), row.dim)
+            )
+        finally:
+            conn.execute("COMMIT")
+
+    async def import_gallery(
+        self, name: str, fmt: str, model_checksum: str, data: bytes
+    ) -> GalleryView:
+        self._check_open()
+        if fmt not in FORMATS:
+            raise InvalidArgument(f"header.format: must be native or seed_pth, got {fmt!r}")
+        if fmt == "seed_pth":
+            if not name:
+                raise InvalidArgument("header.name: required for the seed gallery.pth format")
+            check_name(name, "header.name")
+            served_name = ""
+            if not model_checksum:
+                model_checksum, served_name = self._served()
+            parsed = await self._read(parse_seed_pth, data, name, model_checksum)
+            parsed.model_name = served_name
+        else:
+            parsed = await self._read(parse_native, data)
+            parsed.name = name or parsed.name
+        check_name(parsed.name, "header.name")
+        if parsed.name in self._galleries:
+            raise AlreadyExists(f"gallery {parsed.name!r} already exists")
+        await self._read(_check_import, parsed)
+        index = self._new_index(parsed.dim, parsed.sample_count)
+
+        def op(conn):
+            try:
+                row = db.insert_gallery(
+                    conn,
+                    parsed.name,
+                    parsed.model_checksum,
+                    parsed.model_name,
+                    parsed.dim,
+                    parsed.metadata,
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"gallery {parsed.name!r} already exists") from None
+            change = db_bulk_insert(conn, row.gallery_id, parsed.identities)
+            g = _Gallery(row, index, len(parsed.identities), parsed.sample_count)
+
+            def after() -> None:
+                index.apply([change])
+                self._galleries[row.name] = g
+
+            return g, after
+
+        g = await self._write(op)
+        log.info(
+            "imported gallery %s: %d identities, %d samples",
+            parsed.name,
+            g.identities,
+            g.samples,
+        )
+        return g.view()
+
+
+# -- validation and helpers ----------------------------------------------------------------
+
+
+def check_name(name: str, field_name: str) -> None:
+    if not NAME_RE.match(name):
+        raise InvalidArgument(
+            f"{field_name}: gallery names are 1..128 characters of [A-Za-z0-9._-] starting "
+            f"with a letter or digit, got {name!r}"
+        )
+
+
+def check_identity(identity: str, field_name: str) -> None:
+    if not 1 <= len(identity) <= MAX_IDENTITY_CHARS:
+        raise InvalidArgument(
+            f"{field_name}: must be 1..{MAX_IDENTITY_CHARS} characters, got {len(identity)}"
+        )
+
+
+def check_metadata(metadata: dict[str, str], field_name: str) -> None:
+    size = len(json.dumps(metadata))
+    if size > MAX_METADATA_BYTES:
+        raise InvalidArgument(
+            f"{field_name}: at most {MAX_METADATA_BYTES} bytes as JSON, got {size}"
+        )
+
+
+def check_vector(vector: np.ndarray, declared: int, dim: int, field_name: str) -> np.ndarray:
+    """The unit float32 version of `vector`, or InvalidArgument naming the field."""
+    if declared and declared != vector.size:
+        raise InvalidArgument(
+            f"{field_name}.dim: says {declared}, but the vector holds {vector.size} values"
+        )
+    if vector.size != dim:
+        raise InvalidArgument(
+            f"{field_name}: need {dim} float32 values ({4 * dim} bytes), got {vector.size}"
+        )
+    bad = np.flatnonzero(~np.isfinite(vector))
+    if bad.size:
+        raise InvalidArgument(
+            f"{field_name}: values must be finite; value [{bad[0]}] is {vector[bad[0]]}"
+        )
+    norm = float(np.linalg.norm(vector.astype(np.float64)))
+    if norm == 0.0:
+        raise InvalidArgument(f"{field_name}: an all-zero vector has no direction")
+    return (vector / norm).astype(np.float32)
+
+
+def _check_import(parsed: TransferGallery) -> None:
+    seen: set[str] = set()
+    for i, ident in enumerate(parsed.identities):
+        where = f"import: identity [{i}] {ident.name!r}"
+        check_identity(ident.name, where)
+        if ident.name in seen:
+            raise InvalidArgument(f"{where}: appears twice")
+        seen.add(ident.name)
+        v = ident.vectors
+        if v.shape[1:] != (parsed.dim,):
+            raise InvalidArgument(f"{where}: vectors of shape {v.shape}, need [m, {parsed.dim}]")
+        bad = np.argwhere(~np.isfinite(v))
+        if bad.size:
+            raise InvalidArgument(f"{where} sample [{bad[0][0]}]: values must be finite")
+        norms = np.linalg.norm(v, axis=1)
+        zero = np.flatnonzero(norms == 0)
+        if zero.size:
+            raise InvalidArgument(f"{where} sample [{zero[0]}]: an all-zero vector")
+        ident.vectors = (v / norms[:, None]).astype(np.float32)
+
+
+def db_bulk_insert(
+    conn: sqlite3.Connection, gallery_id: int, identities: list[TransferIdentity]
+) -> Change:
+    """Inserts a whole imported gallery; returns the index change adding every sample."""
+    ident_ids, sample_ids, labels, vectors, names = db.bulk_insert(conn, gallery_id, identities)
+    live = sum(1 for i in identities if len(i.vectors))
+    return Change(
+        add_keys=sample_ids,
+        add_labels=labels,
+        add_vectors=vectors,
+        names=dict(zip(ident_ids, names, strict=True)),
+        identity_delta=live,
+    )
+
+
+def _group_export(rows: Iterator[tuple], dim: int) -> Iterator[TransferIdentity]:
+    current: TransferIdentity | None = None
+    current_id = None
+    blobs: list[bytes] = []
+    norms: list[float] = []
+
+    def finish(ident: TransferIdentity) -> TransferIdentity:
+        ident.vectors = np.frombuffer(b"".join(blobs), "<f4").reshape(-1, dim)
+        ident.norms = np.asarray(norms, np.float32)
+        return ident
+
+    for iid, name, meta, created, sid, norm, s_created, blob in rows:
+        if iid != current_id:
+            if current is not None:
+                yield finish(current)
+            blobs, norms = [], []
+            current_id = iid
+            current = TransferIdentity(
+                name, json.loads(meta), created, np.empty((0, dim), np.float32), np.empty(0)
+            )
+        if sid is not None:
+            blobs.append(blob)
+            norms.append(norm)
+            current.sample_ids.append(sid)  # type: ignore[union-attr]
+            current.sample_created.append(s_created)  # type: ignore[union-attr]
+    if current is not None:
+        yield finish(current)
+
+
+def _encode_token(name: str) -> str:
+    return base64.urlsafe_b64encode(name.encode()).decode()
+
+
+def _decode_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidArgument(f"page_token: not a token this server issued: {token!r}") from None

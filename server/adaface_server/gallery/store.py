@@ -1,0 +1,523 @@
+"""SQLite gallery store (WAL, synchronous=FULL): the source of truth, with group commit."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import FailedPrecondition, Internal, ServiceError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS galleries (
+    gallery_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    model_checksum TEXT NOT NULL,
+    model_name TEXT NOT NULL DEFAULT '',
+    dim INTEGER NOT NULL,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS identities (
+    identity_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    gallery_id INTEGER NOT NULL REFERENCES galleries(gallery_id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    sample_count INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    UNIQUE (gallery_id, name)
+);
+CREATE TABLE IF NOT EXISTS samples (
+    sample_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    identity_id INTEGER NOT NULL REFERENCES identities(identity_id) ON DELETE CASCADE,
+    gallery_id INTEGER NOT NULL,
+    vector BLOB NOT NULL,
+    norm REAL NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS samples_by_identity ON samples (identity_id);
+CREATE INDEX IF NOT EXISTS samples_by_gallery ON samples (gallery_id, sample_id);
+"""
+# Writes waiting when the writer wakes up are committed together: one fsync for all.
+MAX_GROUP = 256
+
+# An op runs inside the writer's transaction and returns (result, after_commit).
+Op = Callable[[sqlite3.Connection], tuple[Any, Callable[[], None] | None]]
+
+
+@dataclass
+class GalleryRow:
+    gallery_id: int
+    name: str
+    model_checksum: str
+    model_name: str
+    dim: int
+    metadata: dict[str, str]
+    created_at: float
+
+
+@dataclass
+class IdentityRow:
+    identity_id: int
+    name: str
+    metadata: dict[str, str]
+    sample_count: int
+    created_at: float
+
+
+@dataclass
+class SampleRow:
+    sample_id: int
+    vector: np.ndarray  # [dim] float32
+    norm: float
+    created_at: float
+
+
+class Store:
+    """One SQLite file, written by one thread that groups concurrent writes into one commit.
+
+    A write's future resolves only after COMMIT returned (durable: WAL + synchronous=FULL)
+    and its after-commit step (the index update) ran. A lock file keeps a second server
+    process from opening the same store: its in-memory indexes would silently diverge.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(os.path.expanduser(str(path)))
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock_fd: int | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FailedPrecondition(
+                f"gallery store {self.path} is in use by another server (lock {self.path}.lock);"
+                " give each server its own --gallery-path"
+            ) from None
+        self._lock_fd = fd
+        self._conn = self._connect()
+        self._conn.executescript(_SCHEMA)
+        self._conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+            (SCHEMA_VERSION,),
+        )
+        version = self._conn.execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'"
+        ).fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise FailedPrecondition(
+                f"gallery store {self.path} has schema {version}, this server reads "
+                f"{SCHEMA_VERSION}"
+            )
+        self._thread = threading.Thread(target=self._write_loop, name="gallery-writer", daemon=True)
+        self._thread.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=10000")
+        return conn
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read connection (WAL: reads never wait for the writer)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def connect(self) -> sqlite3.Connection:
+        """A private connection (e.g. for a long export); the caller closes it."""
+        return self._connect()
+
+    # -- writes ------------------------------------------------------------------------
+
+    def submit(self, op: Op) -> Future:
+        if self._thread is None:
+            raise Internal("gallery store is closed")
+        future: Future = Future()
+        self._queue.put((op, future))
+        return future
+
+    def _write_loop(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            group = [item]
+            while len(group) < MAX_GROUP:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # finish this group, then stop
+                    break
+                group.append(nxt)
+            self._commit_group(conn, group)
+
+    def _commit_group(self, conn: sqlite3.Connection, group: list) -> None:
+        outcomes: list[tuple[bool, Any, Callable[[], None] | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, _ in group:
+                # A savepoint per op: one failing write does not undo its neighbours.
+                conn.execute("SAVEPOINT op")
+                try:
+                    result, after = op(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    outcomes.append((False, exc, None))
+                else:
+                    conn.execute("RELEASE op")
+                    outcomes.append((True, result, after))
+            conn.execute("COMMIT")
+        except Exception as exc:
+            log.exception("gallery commit failed; %d writes rolled back", len(group))
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for _, future in group:
+                future.set_exception(Internal(f"gallery write failed: {exc}"))
+            return
+        for (_, future), (ok, value, after) in zip(group, outcomes, strict=True):
+            if ok and after is not None:
+                try:
+                    after()
+                except Exception as exc:
+                    log.exception("index update after a committed gallery write failed")
+                    ok, value = False, Internal(f"index update failed: {exc}")
+            if ok:
+                future.set_result(value)
+            else:
+                if not isinstance(value, ServiceError):
+                    log.error("gallery write failed", exc_info=value)
+                future.set_exception(value)
+
+
+# -- SQL helpers (run inside a write op or on a reader connection) ------------------------
+
+
+def load_galleries(conn: sqlite3.Connection) -> list[GalleryRow]:
+    rows = conn.execute(
+        "SELECT gallery_id, name, model_checksum, model_name, dim, metadata, created_at "
+        "FROM galleries ORDER BY name"
+    ).fetchall()
+    return [GalleryRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6]) for r in rows]
+
+
+def insert_gallery(
+    conn: sqlite3.Connection,
+    name: str,
+    model_checksum: str,
+    model_name: str,
+    dim: int,
+    metadata: dict[str, str],
+) -> GalleryRow:
+    now = time.time()
+    cur = conn.execute(
+        "INSERT INTO galleries (name, model_checksum, model_name, dim, metadata, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (name, model_checksum, model_name, dim, json.dumps(metadata), now),
+    )
+    return GalleryRow(cur.lastrowid, name, model_checksum, model_name, dim, metadata, now)
+
+
+def gallery_exists(conn: sqlite3.Connection, gallery_id: int) -> bool:
+    return (
+        conn.execute("SELECT 1 FROM galleries WHERE gallery_id = ?", (gallery_id,)).fetchone()
+        is not None
+    )
+
+
+def gallery_id_of(conn: sqlite3.Connection, name: str) -> int | None:
+    row = conn.execute("SELECT gallery_id FROM galleries WHERE name = ?", (name,)).fetchone()
+    return None if row is None else row[0]
+
+
+def gallery_counts(conn: sqlite3.Connection, gallery_id: int) -> tuple[int, int, int]:
+    """(identities, identities with samples, samples)."""
+    ident, live, samples = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(sample_count > 0), 0), COALESCE(SUM(sample_count), 0) "
+        "FROM identities WHERE gallery_id = ?",
+        (gallery_id,),
+    ).fetchone()
+    return ident, live, samples
+
+
+def delete_gallery(conn: sqlite3.Connection, gallery_id: int) -> tuple[int, int]:
+    identities, _, samples = gallery_counts(conn, gallery_id)
+    # Samples first through their own index: the identity cascade would go row by row.
+    conn.execute("DELETE FROM samples WHERE gallery_id = ?", (gallery_id,))
+    conn.execute("DELETE FROM identities WHERE gallery_id = ?", (gallery_id,))
+    conn.execute("DELETE FROM galleries WHERE gallery_id = ?", (gallery_id,))
+    return identities, samples
+
+
+def find_identity(conn: sqlite3.Connection, gallery_id: int, name: str) -> IdentityRow | None:
+    row = conn.execute(
+        "SELECT identity_id, name, metadata, sample_count, created_at FROM identities "
+        "WHERE gallery_id = ? AND name = ?",
+        (gallery_id, name),
+    ).fetchone()
+    return None if row is None else IdentityRow(row[0], row[1], json.loads(row[2]), row[3], row[4])
+
+
+def insert_identity(
+    conn: sqlite3.Connection,
+    gallery_id: int,
+    name: str,
+    metadata: dict[str, str],
+    created_at: float | None = None,
+) -> int:
+    cur = conn.execute(
+        "INSERT INTO identities (gallery_id, name, metadata, created_at) VALUES (?, ?, ?, ?)",
+        (gallery_id, name, json.dumps(metadata), created_at or time.time()),
+    )
+    return cur.lastrowid
+
+
+def set_identity_metadata(conn: sqlite3.Connection, identity_id: int, metadata: dict) -> None:
+    conn.execute(
+        "UPDATE identities SET metadata = ? WHERE identity_id = ?",
+        (json.dumps(metadata), identity_id),
+    )
+
+
+def insert_samples(
+    conn: sqlite3.Connection,
+    gallery_id: int,
+    identity_id: int,
+    vectors: np.ndarray,
+    norms: np.ndarray,
+) -> np.ndarray:
+    """Inserts unit float32 vectors; returns their sample ids (increasing)."""
+    now = time.time()
+    blobs = np.ascontiguousarray(vectors, dtype="<f4")
+    first = _next_id(conn, "samples")
+    conn.executemany(
+        "INSERT INTO samples (identity_id, gallery_id, vector, norm, created_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (
+            (identity_id, gallery_id, b.tobytes(), float(n), now)
+            for b, n in zip(blobs, norms, strict=True)
+        ),
+    )
+    conn.execute(
+        "UPDATE identities SET sample_count = sample_count + ? WHERE identity_id = ?",
+        (len(blobs), identity_id),
+    )
+    return _assigned(conn, "samples", first, len(blobs))
+
+
+def _next_id(conn: sqlite3.Connection, table: str) -> int:
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+    return (row[0] if row else 0) + 1
+
+
+def _assigned(conn: sqlite3.Connection, table: str, first: int, count: int) -> np.ndarray:
+    # AUTOINCREMENT ids are consecutive within the single writer's transaction; verify
+    # rather than trust it, since the index keys rows by these ids.
+    if count and _next_id(conn, table) != first + count:
+        raise Internal(f"{table}: ids were not assigned consecutively")
+    return np.arange(first, first + count, dtype=np.int64)
+
+
+def bulk_insert(
+    conn: sqlite3.Connection, gallery_id: int, identities: list
+) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Inserts identities (TransferIdentity) with their unit vectors in id order.
+
+    Returns (identity ids, sample ids, sample identity ids, vectors [N, dim], names).
+    """
+    now = time.time()
+    first = _next_id(conn, "identities")
+    conn.executemany(
+        "INSERT INTO identities (gallery_id, name, metadata, sample_count, created_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (
+            (gallery_id, i.name, json.dumps(i.metadata), len(i.vectors), i.created_at or now)
+            for i in identities
+        ),
+    )
+    ident_ids = _assigned(conn, "identities", first, len(identities))
+    counts = np.asarray([len(i.vectors) for i in identities], np.int64)
+    labels = np.repeat(ident_ids, counts)
+
+    def rows():
+        for iid, ident in zip(ident_ids.tolist(), identities, strict=True):
+            blobs = np.ascontiguousarray(ident.vectors, dtype="<f4")
+            for b, n in zip(blobs, ident.norms.tolist(), strict=True):
+                yield iid, gallery_id, b.tobytes(), float(n), now
+
+    first_sample = _next_id(conn, "samples")
+    conn.executemany(
+        "INSERT INTO samples (identity_id, gallery_id, vector, norm, created_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        rows(),
+    )
+    sample_ids = _assigned(conn, "samples", first_sample, int(counts.sum()))
+    dim = identities[0].vectors.shape[1] if identities else 0
+    vectors = (
+        np.concatenate([i.vectors for i in identities]).astype(np.float32)
+        if identities
+        else np.empty((0, dim), np.float32)
+    )
+    return ident_ids.tolist(), sample_ids, labels, vectors, [i.name for i in identities]
+
+
+def sample_owners(
+    conn: sqlite3.Connection, gallery_id: int, sample_ids: list[int]
+) -> dict[int, int]:
+    """sample_id -> identity_id for those of `sample_ids` stored in the gallery."""
+    out: dict[int, int] = {}
+    for start in range(0, len(sample_ids), 500):
+        part = sample_ids[start : start + 500]
+        marks = ",".join("?" * len(part))
+        for sid, iid in conn.execute(
+            f"SELECT sample_id, identity_id FROM samples WHERE gallery_id = ? "
+            f"AND sample_id IN ({marks})",
+            (gallery_id, *part),
+        ):
+            out[sid] = iid
+    return out
+
+
+def delete_samples(conn: sqlite3.Connection, owners: dict[int, int]) -> list[int]:
+    """Deletes the samples; returns the identities left with no sample."""
+    per_identity: dict[int, int] = {}
+    for sid, iid in owners.items():
+        conn.execute("DELETE FROM samples WHERE sample_id = ?", (sid,))
+        per_identity[iid] = per_identity.get(iid, 0) + 1
+    emptied = []
+    for iid, n in per_identity.items():
+        conn.execute(
+            "UPDATE identities SET sample_count = sample_count - ? WHERE identity_id = ?",
+            (n, iid),
+        )
+        left = conn.execute(
+            "SELECT sample_count FROM identities WHERE identity_id = ?", (iid,)
+        ).fetchone()[0]
+        if left == 0:
+            emptied.append(iid)
+    return emptied
+
+
+def delete_identity(conn: sqlite3.Connection, identity_id: int) -> list[int]:
+    """Deletes the identity and its samples; returns the deleted sample ids."""
+    ids = [
+        r[0]
+        for r in conn.execute("SELECT sample_id FROM samples WHERE identity_id = ?", (identity_id,))
+    ]
+    conn.execute("DELETE FROM samples WHERE identity_id = ?", (identity_id,))
+    conn.execute("DELETE FROM identities WHERE identity_id = ?", (identity_id,))
+    return ids
+
+
+def identity_samples(
+    conn: sqlite3.Connection, identity_id: int, dim: int, with_vectors: bool = True
+) -> list[SampleRow]:
+    column = "vector" if with_vectors else "NULL"
+    rows = conn.execute(
+        f"SELECT sample_id, {column}, norm, created_at FROM samples WHERE identity_id = ? "
+        "ORDER BY sample_id",
+        (identity_id,),
+    ).fetchall()
+    empty = np.empty(0, np.float32)
+    return [
+        SampleRow(r[0], np.frombuffer(r[1], "<f4").reshape(dim) if r[1] else empty, r[2], r[3])
+        for r in rows
+    ]
+
+
+def list_identities(
+    conn: sqlite3.Connection, gallery_id: int, after: str, limit: int
+) -> list[IdentityRow]:
+    rows = conn.execute(
+        "SELECT identity_id, name, metadata, sample_count, created_at FROM identities "
+        "WHERE gallery_id = ? AND name > ? ORDER BY name LIMIT ?",
+        (gallery_id, after, limit),
+    ).fetchall()
+    return [IdentityRow(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows]
+
+
+def identity_names(conn: sqlite3.Connection, gallery_id: int) -> dict[int, str]:
+    return dict(
+        conn.execute("SELECT identity_id, name FROM identities WHERE gallery_id = ?", (gallery_id,))
+    )
+
+
+def iter_sample_blocks(
+    conn: sqlite3.Connection, gallery_id: int, dim: int, block: int = 65536
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(sample ids, identity ids, vectors [m, dim] float32) in sample-id order, blockwise."""
+    cur = conn.execute(
+        "SELECT sample_id, identity_id, vector FROM samples WHERE gallery_id = ? "
+        "ORDER BY sample_id",
+        (gallery_id,),
+    )
+    while rows := cur.fetchmany(block):
+        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        owners = np.fromiter((r[1] for r in rows), np.int64, len(rows))
+        vectors = np.frombuffer(b"".join(r[2] for r in rows), "<f4").reshape(len(rows), dim)
+        yield ids, owners, vectors
+
+
+def iter_export_rows(conn: sqlite3.Connection, gallery_id: int) -> Iterator[tuple]:
+    """Identities (id order) joined with their samples (id order)."""
+    return conn.execute(
+        "SELECT i.identity_id, i.name, i.metadata, i.created_at, s.sample_id, s.norm, "
+        "s.created_at, s.vector FROM identities i LEFT JOIN samples s "
+        "ON s.identity_id = i.identity_id WHERE i.gallery_id = ? "
+        "ORDER BY i.identity_id, s.sample_id",
+        (gallery_id,),
+    )

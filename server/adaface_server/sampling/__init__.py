@@ -1,0 +1,1 @@
+"""Graph sampling for metric learning: identity kNN graph -> epoch index."""
