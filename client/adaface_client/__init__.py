@@ -2,6 +2,7 @@
 
 from adaface_client.client import (
     AdafaceError,
+    AlreadyExists,
     AsyncClient,
     Client,
     DeadlineExceeded,
@@ -22,7 +23,6 @@ from adaface_client.client import (
 )
 from adaface_client.extract import ExtractionError, Extractor, GatherTimeout
 from adaface_client.gallery import (
-    AlreadyExists,
     EnrollResult,
     GalleryClient,
     GalleryInfo,

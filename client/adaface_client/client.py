@@ -89,6 +89,10 @@ class NotFound(AdafaceError):
     """An unknown gallery, identity or model."""
 
 
+class AlreadyExists(AdafaceError):
+    """A gallery or identity with that name exists already."""
+
+
 class FailedPrecondition(AdafaceError):
     """The server's state forbids the call (e.g. a gallery built by another model)."""
 
@@ -124,6 +128,7 @@ class Unimplemented(AdafaceError):
 _ERROR_BY_CODE: dict[grpc.StatusCode, type[AdafaceError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
@@ -518,6 +523,21 @@ def _backoff_delay(base: float, attempt: int) -> float:
     return min(_MAX_BACKOFF_S, base * (2**attempt)) * random.uniform(0.5, 1.5)
 
 
+def call_with_retries(
+    method: Callable[..., Any], request: Any, timeout: float, retries: int, backoff: float
+) -> Any:
+    """A unary call retried with backoff on UNAVAILABLE / RESOURCE_EXHAUSTED; errors typed."""
+    for attempt in itertools.count():
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as e:
+            if e.code() in _RETRYABLE and attempt < retries:
+                time.sleep(_backoff_delay(backoff, attempt))
+                continue
+            raise from_rpc_error(e) from None
+    raise AssertionError("unreachable")
+
+
 def _max_images(info: ServerInfo, batch_size: int | None) -> int:
     limit = info.max_images_per_request or _FALLBACK_MAX_IMAGES
     return max(1, min(limit, batch_size)) if batch_size else limit
@@ -600,15 +620,7 @@ class Client:
         self._channel.close()
 
     def _call(self, method: Callable[..., Any], request: Any) -> Any:
-        for attempt in itertools.count():
-            try:
-                return method(request, timeout=self.timeout)
-            except grpc.RpcError as e:
-                if e.code() in _RETRYABLE and attempt < self.retries:
-                    time.sleep(_backoff_delay(self.backoff, attempt))
-                    continue
-                raise from_rpc_error(e) from None
-        raise AssertionError("unreachable")
+        return call_with_retries(method, request, self.timeout, self.retries, self.backoff)
 
     def info(self) -> ServerInfo:
         """Ask the server for its model and limits (and refresh the cached copy)."""

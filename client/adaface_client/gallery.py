@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import io
-import itertools
 import os
 import queue
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,17 +19,15 @@ from adaface.v1 import common_pb2, embedder_pb2, gallery_pb2, gallery_pb2_grpc
 
 from .client import (
     _CHANNEL_OPTIONS,
-    _RETRYABLE,
     AdafaceError,
-    _backoff_delay,
     _check_args,
     _reason_name,
+    call_with_retries,
     from_rpc_error,
     make_image_input,
 )
 
 __all__ = [
-    "AlreadyExists",
     "EnrollResult",
     "GalleryClient",
     "GalleryInfo",
@@ -53,22 +49,6 @@ _FORMATS = {
     "native": gallery_pb2.IMPORT_FORMAT_NATIVE,
     "seed_pth": gallery_pb2.IMPORT_FORMAT_SEED_PTH,
 }
-
-
-# --------------------------------------------------------------------------------------
-# Errors
-
-
-class AlreadyExists(AdafaceError):
-    """A gallery or identity with that name exists already."""
-
-
-def gallery_error(error: grpc.RpcError) -> AdafaceError:
-    """from_rpc_error, plus AlreadyExists (a code only the Gallery service uses)."""
-    code = error.code() if callable(getattr(error, "code", None)) else None
-    if code == grpc.StatusCode.ALREADY_EXISTS:
-        return AlreadyExists(code, error.details() or "")
-    return from_rpc_error(error)
 
 
 # --------------------------------------------------------------------------------------
@@ -302,15 +282,7 @@ class GalleryClient:
         self._channel.close()
 
     def _call(self, method: Callable[..., Any], request: Any) -> Any:
-        for attempt in itertools.count():
-            try:
-                return method(request, timeout=self.timeout)
-            except grpc.RpcError as e:
-                if e.code() in _RETRYABLE and attempt < self.retries:
-                    time.sleep(_backoff_delay(self.backoff, attempt))
-                    continue
-                raise gallery_error(e) from None
-        raise AssertionError("unreachable")
+        return call_with_retries(method, request, self.timeout, self.retries, self.backoff)
 
     # -- galleries -----------------------------------------------------------------------
 
@@ -443,13 +415,13 @@ class GalleryClient:
                 pending.pop(response.request_id, None)
                 if response.HasField("error"):
                     code = _status_code(response.error.code)
-                    error = gallery_error(_StreamRpcError(code, response.error.message))
+                    error = from_rpc_error(_StreamRpcError(code, response.error.message))
                     error.identity = response.identity  # type: ignore[attr-defined]
                     yield error
                 else:
                     yield EnrollResult.from_proto(response)
         except grpc.RpcError as e:
-            raise gallery_error(e) from None
+            raise from_rpc_error(e) from None
         finally:
             # Unblock and stop the producer whether the stream ended or broke.
             stopping.set()
@@ -560,7 +532,7 @@ class GalleryClient:
             for chunk in self._stub.Export(gallery_pb2.ExportRequest(name=gallery), timeout=None):
                 yield chunk.data
         except grpc.RpcError as e:
-            raise gallery_error(e) from None
+            raise from_rpc_error(e) from None
 
     def export(self, gallery: str, out: str | os.PathLike | BinaryIO) -> int:
         """Write the gallery's export file to a path (atomically) or file object; returns bytes."""
@@ -605,7 +577,7 @@ class GalleryClient:
             with open(source, "rb") as f:  # type: ignore[arg-type]
                 return GalleryInfo.from_proto(self._stub.Import(chunks(f), timeout=None))
         except grpc.RpcError as e:
-            raise gallery_error(e) from None
+            raise from_rpc_error(e) from None
 
 
 class _StreamRpcError(grpc.RpcError):

@@ -16,6 +16,7 @@ from PIL import Image
 from adaface.v1 import common_pb2, embedder_pb2
 from adaface_client import (
     AdafaceError,
+    AlreadyExists,
     Client,
     FailedPrecondition,
     Internal,
@@ -237,6 +238,7 @@ class _FakeRpcError(grpc.RpcError):
     [
         (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgument),
         (grpc.StatusCode.NOT_FOUND, NotFound),
+        (grpc.StatusCode.ALREADY_EXISTS, AlreadyExists),
         (grpc.StatusCode.FAILED_PRECONDITION, FailedPrecondition),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhausted),
         (grpc.StatusCode.UNAVAILABLE, Unavailable),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -14,6 +13,7 @@ from ..embedding import EmbeddingService
 from ..errors import InvalidArgument, ServiceError
 from . import convert
 from .status import status_code, unary_errors
+from .streams import concurrent_responses
 
 log = logging.getLogger(__name__)
 
@@ -54,49 +54,24 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         self, request_iterator, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[embedder_pb2.EmbedResponse]:
         """Requests run concurrently (bounded); each response is yielded as it completes."""
-        window = asyncio.Semaphore(self._service.settings.max_stream_inflight)
-        done: asyncio.Queue = asyncio.Queue()
-        finished = object()
 
-        async def handle(request: embedder_pb2.EmbedRequest) -> None:
+        async def handle(request: embedder_pb2.EmbedRequest) -> embedder_pb2.EmbedResponse:
             try:
-                response = await self._embed(request)
+                return await self._embed(request)
             except AllImagesFailed as exc:
                 response = exc.response
                 response.error.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
                 response.error.message = str(exc)
+                return response
             except ServiceError as exc:
-                response = _stream_error(request, status_code(exc), str(exc))
+                return _stream_error(request, status_code(exc), str(exc))
             except Exception:
                 log.exception("unhandled error in EmbedStream")
-                response = _stream_error(request, grpc.StatusCode.INTERNAL, "internal error")
-            await done.put(response)
+                return _stream_error(request, grpc.StatusCode.INTERNAL, "internal error")
 
-        async def read() -> None:
-            tasks = set()
-            try:
-                async for request in request_iterator:
-                    # Released when the response is yielded: a client that stops reading
-                    # stops the server from taking more of its requests.
-                    await window.acquire()
-                    task = asyncio.create_task(handle(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*tasks)
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await done.put(finished)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await done.get()) is not finished:
-                yield item
-                window.release()
-            await reader  # surfaces a broken request stream
-        finally:
-            reader.cancel()
+        limit = self._service.settings.max_stream_inflight
+        async for response in concurrent_responses(request_iterator, handle, limit):
+            yield response
 
 
 def _stream_error(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -23,6 +22,7 @@ from ..gallery.service import (
 from ..gallery.store import IdentityRow, SampleRow
 from . import convert
 from .status import status_code, unary_errors
+from .streams import concurrent_responses
 
 log = logging.getLogger(__name__)
 
@@ -195,43 +195,19 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServicer):
         self, request_iterator, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gallery_pb2.EnrollResponse]:
         """Requests run concurrently (bounded), so their commits share fsyncs."""
-        window = asyncio.Semaphore(self._service.settings.max_stream_inflight)
-        done: asyncio.Queue = asyncio.Queue()
-        finished = object()
 
-        async def handle(request: gallery_pb2.EnrollRequest) -> None:
+        async def handle(request: gallery_pb2.EnrollRequest) -> gallery_pb2.EnrollResponse:
             try:
-                response = await self._enroll(request)
+                return await self._enroll(request)
             except ServiceError as exc:
-                response = _stream_error(request, status_code(exc), str(exc))
+                return _stream_error(request, status_code(exc), str(exc))
             except Exception:
                 log.exception("unhandled error in EnrollStream")
-                response = _stream_error(request, grpc.StatusCode.INTERNAL, "internal error")
-            await done.put(response)
+                return _stream_error(request, grpc.StatusCode.INTERNAL, "internal error")
 
-        async def read() -> None:
-            tasks = set()
-            try:
-                async for request in request_iterator:
-                    await window.acquire()
-                    task = asyncio.create_task(handle(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*tasks)
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await done.put(finished)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await done.get()) is not finished:
-                yield item
-                window.release()
-            await reader
-        finally:
-            reader.cancel()
+        limit = self._service.settings.max_stream_inflight
+        async for response in concurrent_responses(request_iterator, handle, limit):
+            yield response
 
     @unary_errors
     async def RemoveSamples(self, request, context):
