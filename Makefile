@@ -8,6 +8,8 @@ MODEL ?= adaface_$(subst _,,$(ARCH))
 REPO ?= model_repository
 CKPT ?=
 PORT ?= 50051
+# MTCNN face-detector weights (ALIGNMENT_DETECT), fetched and sha256-checked by `make venv`.
+MTCNN_WEIGHTS ?= .cache/mtcnn
 # On a 2-core CPU, forward passes of 8 images beat 32 (make bench); Triton keeps config's 32.
 SERVE_ARGS ?= --max-batch-size 8
 
@@ -21,6 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	# Tests and benchmarks run its bundled tritonserver binary; its own pins would clash.
 	$(PIP) install -q --no-deps -c constraints.txt nvidia-pytriton
+	$(PY) -m adaface_server.preprocess.mtcnn_weights --dest $(MTCNN_WEIGHTS)
 	touch $@
 
 # Exports $(CKPT) (or, without CKPT, a randomly initialised $(ARCH)) into $(REPO)/$(MODEL).
@@ -31,7 +34,8 @@ export: venv
 # Exports only when there is no model yet or a checkpoint was given.
 serve: venv
 	@if [ -n "$(CKPT)" ] || [ ! -f "$(REPO)/$(MODEL)/1/model.pt" ]; then $(MAKE) --no-print-directory export; fi
-	$(PY) -m adaface_server --model-repository $(REPO) --model $(MODEL) --port $(PORT) $(SERVE_ARGS)
+	$(PY) -m adaface_server --model-repository $(REPO) --model $(MODEL) --port $(PORT) \
+		--mtcnn-weights $(MTCNN_WEIGHTS) $(SERVE_ARGS)
 
 test: venv
 	$(PY) -m pytest -q

@@ -10,6 +10,7 @@ HERE = Path(__file__).resolve().parent
 
 BENCHES = [
     ["bench_model.py"],
+    ["bench_detect.py"],
     ["bench_server.py"],
     ["bench_triton.py"],
     ["bench_gallery.py"],

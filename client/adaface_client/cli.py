@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from adaface_client.client import AdafaceError, Client, ImageResult
+from adaface_client.client import AdafaceError, Client, DetectionOptions, ImageResult
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 OUTPUT_SUFFIXES = (".npz", ".pt")
@@ -166,7 +166,19 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="JSON {relative path: [x1,y1,...,x5,y5]} or CSV path,x1,...,y5; listed images "
-        "are aligned with these landmarks, the others must be aligned 112x112 crops",
+        "are aligned with these landmarks, the others as usual (detected, or --aligned)",
+    )
+    p.add_argument(
+        "--aligned",
+        action="store_true",
+        help="the photos are pre-aligned 112x112 crops (default: the server detects the "
+        "best face of each photo with MTCNN and aligns it)",
+    )
+    p.add_argument(
+        "--min-face-size",
+        type=float,
+        default=0.0,
+        help="detection: smallest face in pixels (default: the server's, 20)",
     )
     p.add_argument(
         "--concurrency", type=int, default=4, help="requests in flight (default %(default)s)"
@@ -253,6 +265,8 @@ def _run(args: argparse.Namespace) -> int:
     failures: list[tuple[str, str, str]] = []
     sent_labels: list[str] = []
     pending_marks: deque[list[float] | None] = deque()
+    pending_modes: deque[str] = deque()
+    plain_mode = "aligned" if args.aligned else "detect"
 
     def images() -> Iterator[bytes]:
         # Files are read only as requests go out; unreadable ones fail locally.
@@ -264,13 +278,19 @@ def _run(args: argparse.Namespace) -> int:
                 progress.update(1)
                 continue
             sent_labels.append(rel)
-            pending_marks.append(landmarks.get(rel))
+            points = landmarks.get(rel)
+            pending_marks.append(points)
+            pending_modes.append("landmarks" if points is not None else plain_mode)
             yield data
 
     def marks() -> Iterator[list[float] | None]:
         # Consumed in lockstep with images(): each image pushes its landmarks first.
         while True:
             yield pending_marks.popleft()
+
+    def modes() -> Iterator[str]:
+        while True:
+            yield pending_modes.popleft()
 
     show = not args.no_progress and (args.progress or sys.stderr.isatty())
     progress = Progress(len(paths), sys.stderr, show)
@@ -294,7 +314,11 @@ def _run(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
             results: list[ImageResult] = client.embed_results(
-                images(), landmarks=marks(), progress=progress.update
+                images(),
+                landmarks=marks(),
+                alignment=modes(),
+                progress=progress.update,
+                detection=DetectionOptions(min_face_size=args.min_face_size),
             )
     except AdafaceError as e:
         progress.close()
@@ -332,6 +356,9 @@ def _run(args: argparse.Namespace) -> int:
     )
     if failures:
         summary += f"; {len(failures)} failed (listed in {failed_path})"
+        no_face = sum(1 for _, reason, _ in failures if reason == "NO_FACE")
+        if no_face:
+            summary += f"; {no_face} had no face"
     print(summary, file=sys.stderr)
     return EXIT_SOME_FAILED if failures else EXIT_OK
 

@@ -28,6 +28,9 @@ __all__ = [
     "AsyncClient",
     "Client",
     "DeadlineExceeded",
+    "DetectResult",
+    "DetectedFace",
+    "DetectionOptions",
     "FailedPrecondition",
     "ImageErrors",
     "ImageResult",
@@ -154,6 +157,74 @@ def from_rpc_error(error: grpc.RpcError) -> AdafaceError:
 
 
 @dataclass(frozen=True)
+class DetectionOptions:
+    """Server-side face detection options (ALIGNMENT_DETECT images and Client.detect).
+
+    selection: "best" (highest score, AdaFace's choice), "largest" or "all";
+    min_face_size in pixels and min_score in (0, 1) (0 = the server's defaults, 20 and 0.9);
+    return_aligned: also return each aligned 112x112 crop as PNG bytes.
+    """
+
+    selection: str = "best"
+    min_face_size: float = 0.0
+    min_score: float = 0.0
+    return_aligned: bool = False
+    upstream_softmax: bool = False
+
+    def to_proto(self) -> common_pb2.DetectOptions:
+        try:
+            selection = common_pb2.FaceSelection.Value("FACE_SELECTION_" + self.selection.upper())
+        except ValueError:
+            raise ValueError(
+                f"selection must be best, largest or all, got {self.selection!r}"
+            ) from None
+        return common_pb2.DetectOptions(
+            selection=selection,
+            min_face_size=self.min_face_size,
+            min_score=self.min_score,
+            return_aligned=self.return_aligned,
+            upstream_softmax=self.upstream_softmax,
+        )
+
+
+@dataclass(frozen=True)
+class DetectedFace:
+    """A face found by the server: box (x1, y1, x2, y2), score, landmarks (5, 2) (x, y);
+    embedding/norm with Embed, aligned_png when requested."""
+
+    box: np.ndarray
+    score: float
+    landmarks: np.ndarray
+    embedding: np.ndarray | None = field(default=None, repr=False)
+    norm: float | None = None
+    aligned_png: bytes = field(default=b"", repr=False)
+
+    @classmethod
+    def from_proto(cls, msg: common_pb2.DetectedFace) -> DetectedFace:
+        embedding = None
+        if msg.HasField("embedding"):
+            embedding = np.frombuffer(msg.embedding.vector, dtype="<f4").astype(np.float32)
+        return cls(
+            box=np.asarray(msg.box, dtype=np.float32),
+            score=float(msg.score),
+            landmarks=np.asarray(msg.landmarks, dtype=np.float32).reshape(-1, 2),
+            embedding=embedding,
+            norm=float(msg.embedding.norm) if embedding is not None else None,
+            aligned_png=msg.aligned_png,
+        )
+
+
+@dataclass(frozen=True)
+class DetectResult:
+    """Client.detect's answer for one image: its faces, or why there are none."""
+
+    index: int
+    faces: tuple[DetectedFace, ...] = ()
+    reason: str | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class ServerInfo:
     """What Embedder.Info reports: the served model and the server's limits."""
 
@@ -202,6 +273,7 @@ class ImageResult:
     norm: float | None = None
     reason: str | None = None
     message: str = ""
+    faces: tuple[DetectedFace, ...] = ()  # ALIGNMENT_DETECT: every selected face
 
     @property
     def ok(self) -> bool:
@@ -488,7 +560,12 @@ def _parse_response(resp: embedder_pb2.EmbedResponse, job: _Job) -> list[ImageRe
                 grpc.StatusCode.INTERNAL,
                 f"embedding of {vec.size} values but dim {r.embedding.dim}",
             )
-        out[r.index] = ImageResult(index=index, embedding=vec, norm=float(r.embedding.norm))
+        out[r.index] = ImageResult(
+            index=index,
+            embedding=vec,
+            norm=float(r.embedding.norm),
+            faces=tuple(DetectedFace.from_proto(f) for f in r.faces),
+        )
     return out  # type: ignore[return-value]
 
 
@@ -543,11 +620,14 @@ def _max_images(info: ServerInfo, batch_size: int | None) -> int:
     return max(1, min(limit, batch_size)) if batch_size else limit
 
 
-def _request(job: _Job, flip: bool) -> embedder_pb2.EmbedRequest:
+def _request(
+    job: _Job, flip: bool, detection: DetectionOptions | None = None
+) -> embedder_pb2.EmbedRequest:
+    options = embedder_pb2.EmbedOptions(flip_fusion=flip)
+    if detection is not None:
+        options.detection.CopyFrom(detection.to_proto())
     return embedder_pb2.EmbedRequest(
-        request_id=uuid.uuid4().hex,
-        images=job.inputs,
-        options=embedder_pb2.EmbedOptions(flip_fusion=flip),
+        request_id=uuid.uuid4().hex, images=job.inputs, options=options
     )
 
 
@@ -657,22 +737,51 @@ class Client:
         landmarks: Iterable[LandmarksLike] | None = None,
         flip: bool | None = None,
         progress: Callable[[int], None] | None = None,
+        detection: DetectionOptions | None = None,
     ) -> list[ImageResult]:
         """Embed images; one ImageResult per image in input order, failures included.
 
         Per-image failures never raise. `progress(n)` is called as each n images finish.
+        `detection` applies to images sent with alignment "detect".
         """
         use_flip = self.flip if flip is None else flip
         prepared = _prepared(images, landmarks, alignment)
+        if detection is not None:
+            detection.to_proto()  # a bad selection fails before any request goes out
         info = self._cached_info()
         jobs = _jobs(prepared, _max_images(info, self.batch_size))
-        return _assemble(self._run(jobs, use_flip, progress))
+        return _assemble(self._run(jobs, use_flip, progress, detection))
+
+    def detect(
+        self, images: Iterable[ImageLike], detection: DetectionOptions | None = None
+    ) -> list[DetectResult]:
+        """Face detection only: boxes, scores, landmarks (and crops) per image, in order."""
+        options = (detection or DetectionOptions()).to_proto()
+        prepared = _prepared(images, None, "detect")
+        info = self._cached_info()
+        out: list[DetectResult] = []
+        for job in _jobs(prepared, _max_images(info, self.batch_size)):
+            request = embedder_pb2.DetectRequest(
+                request_id=uuid.uuid4().hex, images=job.inputs, options=options
+            )
+            resp = self._call(self._stub.Detect, request)
+            for r in resp.results:
+                out.append(
+                    DetectResult(
+                        index=job.start + r.index,
+                        faces=tuple(DetectedFace.from_proto(f) for f in r.faces),
+                        reason=_reason_name(r.error.reason) if r.HasField("error") else None,
+                        message=r.error.message,
+                    )
+                )
+        return out
 
     def _run(
         self,
         jobs: Iterator[_Job],
         flip: bool,
         progress: Callable[[int], None] | None,
+        detection: DetectionOptions | None = None,
     ) -> dict[int, list[ImageResult]]:
         parts: dict[int, list[ImageResult]] = {}
         ready: deque[_Job] = deque()
@@ -706,7 +815,9 @@ class Client:
                         job = next_job
                     else:
                         break
-                    future = self._stub.Embed.future(_request(job, flip), timeout=self.timeout)
+                    future = self._stub.Embed.future(
+                        _request(job, flip, detection), timeout=self.timeout
+                    )
                     inflight[future] = job
                     future.add_done_callback(done.put)
                 if not inflight:

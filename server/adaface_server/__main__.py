@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from .app import App
 from .config import Settings, parse_settings
+from .errors import StartupError
 
 log = logging.getLogger("adaface_server")
 
@@ -34,7 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    asyncio.run(run(settings))
+    try:
+        asyncio.run(run(settings))
+    except StartupError as exc:
+        print(f"adaface-server: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -85,6 +85,18 @@ class Settings:
     triton_certificate_chain: str = field(
         default="", metadata={"help": "TLS: PEM client certificate chain, for mutual TLS"}
     )
+    detector: str = field(
+        default="mtcnn",
+        metadata={"help": "face detector for ALIGNMENT_DETECT and Detect: mtcnn or none"},
+    )
+    mtcnn_weights: Path = field(
+        default=Path(".cache/mtcnn"),
+        metadata={"help": "folder with MTCNN pnet.pt/rnet.pt/onet.pt (make venv fetches them)"},
+    )
+    detect_max_side: int = field(
+        default=1024,
+        metadata={"help": "detection runs on photos downscaled to this long side, pixels"},
+    )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
     sampling_max_identities: int = field(
         default=2_000_000, metadata={"help": "identities accepted in one Sampling.BuildEpoch"}
@@ -213,6 +225,10 @@ def validate(s: Settings) -> list[str]:
         problems.append(
             f"--sampling-knn-precision must be fp32 or bf16, got {s.sampling_knn_precision!r}"
         )
+    if s.detector not in ("mtcnn", "none"):
+        problems.append(f"--detector must be mtcnn or none, got {s.detector!r}")
+    if s.detect_max_side < 48:
+        problems.append(f"--detect-max-side must be >= 48, got {s.detect_max_side}")
     problems.extend(validate_gallery(s))
     problems.extend(validate_triton(s))
     for name in ("threads", "max_batch_size"):

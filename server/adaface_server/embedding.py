@@ -23,9 +23,28 @@ from .errors import (
 )
 from .fusion import fuse_flip_pairs
 from .preprocess.decode import DecodeLimits, ImageRejected
-from .preprocess.pipeline import AlignMode, ImageItem, face_crop, to_model_input
+from .preprocess.detect import MTCNN, DetectParams, Face
+from .preprocess.pipeline import (
+    AlignMode,
+    FaceCrop,
+    ImageItem,
+    detect_crops,
+    face_crop,
+    png_bytes,
+    to_model_input,
+)
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FaceOutcome:
+    """One detected face: where it is, and (Embed only) its embedding."""
+
+    face: Face
+    embedding: np.ndarray | None = None
+    norm: float = 0.0
+    aligned_png: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -36,6 +55,7 @@ class ImageOutcome:
     norm: float = 0.0
     error_reason: str | None = None  # ImageError.Reason suffix, e.g. "UNDECODABLE"
     error_message: str = ""
+    faces: tuple[FaceOutcome, ...] = ()  # ALIGNMENT_DETECT: the selected faces
 
     @property
     def ok(self) -> bool:
@@ -70,6 +90,10 @@ class EmbeddingService:
         # Rows sent to a backend that batches on its side (Triton), bounded by max_queue.
         self._inflight_rows = 0
         self._failure: str | None = None  # why loading gave up, for UNAVAILABLE messages
+        # Loaded at construction so missing weights stop the server at start-up.
+        self.detector: MTCNN | None = None
+        if settings.detector == "mtcnn":
+            self.detector = MTCNN(settings.mtcnn_weights, settings.detect_max_side)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -168,9 +192,7 @@ class EmbeddingService:
 
     # -- embedding ---------------------------------------------------------------------
 
-    async def embed(self, items: Sequence[ImageItem], flip: bool) -> list[ImageOutcome]:
-        """Embeds every item; per-image problems become outcomes, not exceptions."""
-        self._spec()
+    def _check_count(self, items: Sequence[ImageItem]) -> None:
         if not items:
             raise InvalidArgument("images: at least one image is required")
         if len(items) > self.settings.max_images_per_request:
@@ -178,35 +200,97 @@ class EmbeddingService:
                 f"images: at most {self.settings.max_images_per_request} per request "
                 f"(max_images_per_request), got {len(items)}"
             )
-        for i, item in enumerate(items):
-            if item.mode is AlignMode.DETECT:
-                raise Unimplemented(
-                    f"images[{i}].alignment: ALIGNMENT_DETECT needs a face detector, which this "
-                    "server does not run; send aligned 112x112 crops or 5 landmarks"
-                )
-        loop = asyncio.get_running_loop()
-        crops = await loop.run_in_executor(self._preprocess, self._crops, items)
-        good = [i for i, c in enumerate(crops) if isinstance(c, np.ndarray)]
-        outcomes: list[ImageOutcome] = [
-            c if isinstance(c, ImageOutcome) else ImageOutcome() for c in crops
-        ]
-        if not good:
-            return outcomes
-        batch = await loop.run_in_executor(
-            self._preprocess, to_model_input, [crops[i] for i in good], flip
+
+    def _no_detector(self, field: str) -> Unimplemented:
+        return Unimplemented(
+            f"{field}: ALIGNMENT_DETECT needs a face detector, which this server does not "
+            "run (--detector none); send aligned 112x112 crops or 5 landmarks"
         )
+
+    async def embed(
+        self, items: Sequence[ImageItem], flip: bool, detect: DetectParams | None = None
+    ) -> list[ImageOutcome]:
+        """Embeds every item; per-image problems become outcomes, not exceptions."""
+        self._spec()
+        self._check_count(items)
+        if self.detector is None:
+            for i, item in enumerate(items):
+                if item.mode is AlignMode.DETECT:
+                    raise self._no_detector(f"images[{i}].alignment")
+        params = detect or DetectParams()
+        loop = asyncio.get_running_loop()
+        crops = await loop.run_in_executor(self._preprocess, self._crops, items, params)
+        # One model batch holds every crop: single crops and each detected face.
+        rows: list[tuple[int, FaceCrop | None]] = []
+        arrays: list[np.ndarray] = []
+        outcomes: list[ImageOutcome] = []
+        for i, c in enumerate(crops):
+            outcomes.append(c if isinstance(c, ImageOutcome) else ImageOutcome())
+            if isinstance(c, np.ndarray):
+                rows.append((i, None))
+                arrays.append(c)
+            elif isinstance(c, list):
+                for face in c:
+                    rows.append((i, face))
+                    arrays.append(face.crop)
+        if not rows:
+            return outcomes
+        batch = await loop.run_in_executor(self._preprocess, to_model_input, arrays, flip)
         embeddings, norms = await self._infer(batch, group=2 if flip else 1)
         if flip:
             embeddings, norms = fuse_flip_pairs(embeddings, norms)
-        for row, i in enumerate(good):
-            outcomes[i] = ImageOutcome(embedding=embeddings[row], norm=float(norms[row, 0]))
+        faces: dict[int, list[FaceOutcome]] = {}
+        for row, (i, face) in enumerate(rows):
+            if face is None:
+                outcomes[i] = ImageOutcome(embedding=embeddings[row], norm=float(norms[row, 0]))
+                continue
+            faces.setdefault(i, []).append(
+                FaceOutcome(
+                    face=face.face,
+                    embedding=embeddings[row],
+                    norm=float(norms[row, 0]),
+                    aligned_png=png_bytes(face.crop) if params.return_aligned else b"",
+                )
+            )
+        for i, found in faces.items():
+            outcomes[i] = ImageOutcome(
+                embedding=found[0].embedding, norm=found[0].norm, faces=tuple(found)
+            )
         return outcomes
 
-    def _crops(self, items: Sequence[ImageItem]) -> list[np.ndarray | ImageOutcome]:
-        crops: list[np.ndarray | ImageOutcome] = []
+    async def detect(self, items: Sequence[ImageItem], params: DetectParams) -> list[ImageOutcome]:
+        """Detection only (no model needed): outcomes carry faces, never embeddings."""
+        if self.detector is None:
+            raise self._no_detector("Detect")
+        self._check_count(items)
+        loop = asyncio.get_running_loop()
+        crops = await loop.run_in_executor(self._preprocess, self._crops, items, params)
+        outcomes = []
+        for c in crops:
+            if isinstance(c, ImageOutcome):
+                outcomes.append(c)
+                continue
+            assert isinstance(c, list)
+            found = tuple(
+                FaceOutcome(
+                    face=f.face, aligned_png=png_bytes(f.crop) if params.return_aligned else b""
+                )
+                for f in c
+            )
+            outcomes.append(ImageOutcome(faces=found))
+        return outcomes
+
+    def _crops(
+        self, items: Sequence[ImageItem], params: DetectParams
+    ) -> list[np.ndarray | list[FaceCrop] | ImageOutcome]:
+        crops: list[np.ndarray | list[FaceCrop] | ImageOutcome] = []
         for i, item in enumerate(items):
             try:
-                crops.append(face_crop(item, self.limits))
+                if item.mode is AlignMode.DETECT:
+                    assert self.detector is not None
+                    crops.append(detect_crops(item, self.limits, self.detector, params))
+                else:
+                    crops.append(face_crop(item, self.limits))
             except ImageRejected as exc:
                 crops.append(
                     ImageOutcome(error_reason=exc.reason, error_message=f"images[{i}]: {exc}")

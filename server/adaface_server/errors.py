@@ -47,3 +47,7 @@ class PermissionDenied(ServiceError):
 
 class Internal(ServiceError):
     status = "INTERNAL"
+
+
+class StartupError(Exception):
+    """The server cannot start (e.g. missing model files); the message says how to fix it."""

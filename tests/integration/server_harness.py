@@ -15,6 +15,8 @@ from adaface_server.app import App
 from adaface_server.config import Settings
 from adaface_server.models.repository import ModelSpec, load_model_spec
 
+MTCNN_WEIGHTS = Path(__file__).resolve().parents[2] / ".cache" / "mtcnn"
+
 
 class ServerThread:
     """A real gRPC server with its own event loop, driven from synchronous tests."""
@@ -74,5 +76,7 @@ def server_settings(repository: Path, model: str, **overrides: object) -> Settin
         threads=1,
         load_retry_seconds=0.1,
         grace_seconds=5.0,
+        # Absolute, so tests pass from any working directory (make venv fetches them).
+        mtcnn_weights=MTCNN_WEIGHTS,
     )
     return base.replace(**overrides)

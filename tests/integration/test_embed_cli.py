@@ -44,9 +44,11 @@ def save(path: Path, arr: np.ndarray, fmt: str) -> None:
     path.write_bytes(buf.getvalue())
 
 
-def run_cli(*args: object) -> subprocess.CompletedProcess:
+def run_cli(*args: object, aligned: bool = True) -> subprocess.CompletedProcess:
+    """These folders hold pre-aligned crops: --aligned unless `aligned=False` (detection)."""
+    flags = ["--aligned"] if aligned else []
     return subprocess.run(
-        [sys.executable, "client/embed.py", *map(str, args)],
+        [sys.executable, "client/embed.py", *map(str, args), *flags],
         cwd=REPO,
         capture_output=True,
         text=True,

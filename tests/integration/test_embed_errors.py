@@ -50,6 +50,7 @@ def tight_server(ir18_repository):
         max_queue=4,
         max_image_bytes=60_000,
         max_image_pixels=300 * 300,
+        detector="none",
     )
     server = ServerThread(settings).start().wait_serving()
     yield server

@@ -83,7 +83,11 @@ def test_info_describes_model_and_limits(stub, embed_server):
     assert info.backend == embed_server.settings.backend
     assert info.model_checksum == spec.checksum and len(info.model_checksum) == 64
     assert info.untrained and "UNTRAINED" in info.weights
-    assert list(info.alignments) == [common_pb2.ALIGNMENT_ALIGNED, common_pb2.ALIGNMENT_LANDMARKS]
+    assert list(info.alignments) == [
+        common_pb2.ALIGNMENT_ALIGNED,
+        common_pb2.ALIGNMENT_LANDMARKS,
+        common_pb2.ALIGNMENT_DETECT,
+    ]
 
 
 def test_embeddings_match_adaface_reference_inference(stub, embed_server):

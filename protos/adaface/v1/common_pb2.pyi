@@ -13,10 +13,21 @@ class Alignment(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ALIGNMENT_ALIGNED: _ClassVar[Alignment]
     ALIGNMENT_LANDMARKS: _ClassVar[Alignment]
     ALIGNMENT_DETECT: _ClassVar[Alignment]
+
+class FaceSelection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FACE_SELECTION_UNSPECIFIED: _ClassVar[FaceSelection]
+    FACE_SELECTION_BEST: _ClassVar[FaceSelection]
+    FACE_SELECTION_LARGEST: _ClassVar[FaceSelection]
+    FACE_SELECTION_ALL: _ClassVar[FaceSelection]
 ALIGNMENT_UNSPECIFIED: Alignment
 ALIGNMENT_ALIGNED: Alignment
 ALIGNMENT_LANDMARKS: Alignment
 ALIGNMENT_DETECT: Alignment
+FACE_SELECTION_UNSPECIFIED: FaceSelection
+FACE_SELECTION_BEST: FaceSelection
+FACE_SELECTION_LARGEST: FaceSelection
+FACE_SELECTION_ALL: FaceSelection
 
 class RawImage(_message.Message):
     __slots__ = ("height", "width", "data")
@@ -73,6 +84,34 @@ class ImageError(_message.Message):
     reason: ImageError.Reason
     message: str
     def __init__(self, reason: _Optional[_Union[ImageError.Reason, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class DetectOptions(_message.Message):
+    __slots__ = ("selection", "min_face_size", "min_score", "return_aligned", "upstream_softmax")
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    MIN_FACE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_ALIGNED_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_SOFTMAX_FIELD_NUMBER: _ClassVar[int]
+    selection: FaceSelection
+    min_face_size: float
+    min_score: float
+    return_aligned: bool
+    upstream_softmax: bool
+    def __init__(self, selection: _Optional[_Union[FaceSelection, str]] = ..., min_face_size: _Optional[float] = ..., min_score: _Optional[float] = ..., return_aligned: _Optional[bool] = ..., upstream_softmax: _Optional[bool] = ...) -> None: ...
+
+class DetectedFace(_message.Message):
+    __slots__ = ("box", "score", "landmarks", "embedding", "aligned_png")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    LANDMARKS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    ALIGNED_PNG_FIELD_NUMBER: _ClassVar[int]
+    box: _containers.RepeatedScalarFieldContainer[float]
+    score: float
+    landmarks: _containers.RepeatedScalarFieldContainer[float]
+    embedding: Embedding
+    aligned_png: bytes
+    def __init__(self, box: _Optional[_Iterable[float]] = ..., score: _Optional[float] = ..., landmarks: _Optional[_Iterable[float]] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ..., aligned_png: _Optional[bytes] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from adaface.v1 import common_pb2 as adaface_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61\x64\x61\x66\x61\x63\x65/v1/embedder.proto\x12\nadaface.v1\x1a\x17\x61\x64\x61\x66\x61\x63\x65/v1/common.proto\"#\n\x0c\x45mbedOptions\x12\x13\n\x0b\x66lip_fusion\x18\x01 \x01(\x08\"u\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x06images\x18\x02 \x03(\x0b\x32\x16.adaface.v1.ImageInput\x12)\n\x07options\x18\x03 \x01(\x0b\x32\x18.adaface.v1.EmbedOptions\"m\n\x0b\x45mbedResult\x12\r\n\x05index\x18\x01 \x01(\r\x12(\n\tembedding\x18\x02 \x01(\x0b\x32\x15.adaface.v1.Embedding\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.adaface.v1.ImageError\"\x89\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.adaface.v1.EmbedResult\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12&\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.adaface.v1.StreamError\"\r\n\x0bInfoRequest\"\xc2\x02\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x05 \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\x06 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\x07 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x16\n\x0emodel_checksum\x18\t \x01(\t\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x11\n\tuntrained\x18\x0b \x01(\x08\x12\x0f\n\x07weights\x18\x0c \x01(\t\x12)\n\nalignments\x18\r \x03(\x0e\x32\x15.adaface.v1.Alignment2\xcb\x01\n\x08\x45mbedder\x12<\n\x05\x45mbed\x12\x18.adaface.v1.EmbedRequest\x1a\x19.adaface.v1.EmbedResponse\x12\x46\n\x0b\x45mbedStream\x12\x18.adaface.v1.EmbedRequest\x1a\x19.adaface.v1.EmbedResponse(\x01\x30\x01\x12\x39\n\x04Info\x12\x17.adaface.v1.InfoRequest\x1a\x18.adaface.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61\x64\x61\x66\x61\x63\x65/v1/embedder.proto\x12\nadaface.v1\x1a\x17\x61\x64\x61\x66\x61\x63\x65/v1/common.proto\"Q\n\x0c\x45mbedOptions\x12\x13\n\x0b\x66lip_fusion\x18\x01 \x01(\x08\x12,\n\tdetection\x18\x02 \x01(\x0b\x32\x19.adaface.v1.DetectOptions\"u\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x06images\x18\x02 \x03(\x0b\x32\x16.adaface.v1.ImageInput\x12)\n\x07options\x18\x03 \x01(\x0b\x32\x18.adaface.v1.EmbedOptions\"\x96\x01\n\x0b\x45mbedResult\x12\r\n\x05index\x18\x01 \x01(\r\x12(\n\tembedding\x18\x02 \x01(\x0b\x32\x15.adaface.v1.Embedding\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.adaface.v1.ImageError\x12\'\n\x05\x66\x61\x63\x65s\x18\x04 \x03(\x0b\x32\x18.adaface.v1.DetectedFace\"\x89\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.adaface.v1.EmbedResult\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12&\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.adaface.v1.StreamError\"w\n\rDetectRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x06images\x18\x02 \x03(\x0b\x32\x16.adaface.v1.ImageInput\x12*\n\x07options\x18\x03 \x01(\x0b\x32\x19.adaface.v1.DetectOptions\"m\n\x0c\x44\x65tectResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\'\n\x05\x66\x61\x63\x65s\x18\x02 \x03(\x0b\x32\x18.adaface.v1.DetectedFace\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.adaface.v1.ImageError\"O\n\x0e\x44\x65tectResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07results\x18\x02 \x03(\x0b\x32\x18.adaface.v1.DetectResult\"\r\n\x0bInfoRequest\"\xc2\x02\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x15\n\rembedding_dim\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x05 \x01(\r\x12\x17\n\x0fmax_image_bytes\x18\x06 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\x07 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x16\n\x0emodel_checksum\x18\t \x01(\t\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x11\n\tuntrained\x18\x0b \x01(\x08\x12\x0f\n\x07weights\x18\x0c \x01(\t\x12)\n\nalignments\x18\r \x03(\x0e\x32\x15.adaface.v1.Alignment2\x8c\x02\n\x08\x45mbedder\x12<\n\x05\x45mbed\x12\x18.adaface.v1.EmbedRequest\x1a\x19.adaface.v1.EmbedResponse\x12\x46\n\x0b\x45mbedStream\x12\x18.adaface.v1.EmbedRequest\x1a\x19.adaface.v1.EmbedResponse(\x01\x30\x01\x12\x39\n\x04Info\x12\x17.adaface.v1.InfoRequest\x1a\x18.adaface.v1.InfoResponse\x12?\n\x06\x44\x65tect\x12\x19.adaface.v1.DetectRequest\x1a\x1a.adaface.v1.DetectResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adaface.v1.embedder_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EMBEDOPTIONS']._serialized_start=66
-  _globals['_EMBEDOPTIONS']._serialized_end=101
-  _globals['_EMBEDREQUEST']._serialized_start=103
-  _globals['_EMBEDREQUEST']._serialized_end=220
-  _globals['_EMBEDRESULT']._serialized_start=222
-  _globals['_EMBEDRESULT']._serialized_end=331
-  _globals['_EMBEDRESPONSE']._serialized_start=334
-  _globals['_EMBEDRESPONSE']._serialized_end=471
-  _globals['_INFOREQUEST']._serialized_start=473
-  _globals['_INFOREQUEST']._serialized_end=486
-  _globals['_INFORESPONSE']._serialized_start=489
-  _globals['_INFORESPONSE']._serialized_end=811
-  _globals['_EMBEDDER']._serialized_start=814
-  _globals['_EMBEDDER']._serialized_end=1017
+  _globals['_EMBEDOPTIONS']._serialized_end=147
+  _globals['_EMBEDREQUEST']._serialized_start=149
+  _globals['_EMBEDREQUEST']._serialized_end=266
+  _globals['_EMBEDRESULT']._serialized_start=269
+  _globals['_EMBEDRESULT']._serialized_end=419
+  _globals['_EMBEDRESPONSE']._serialized_start=422
+  _globals['_EMBEDRESPONSE']._serialized_end=559
+  _globals['_DETECTREQUEST']._serialized_start=561
+  _globals['_DETECTREQUEST']._serialized_end=680
+  _globals['_DETECTRESULT']._serialized_start=682
+  _globals['_DETECTRESULT']._serialized_end=791
+  _globals['_DETECTRESPONSE']._serialized_start=793
+  _globals['_DETECTRESPONSE']._serialized_end=872
+  _globals['_INFOREQUEST']._serialized_start=874
+  _globals['_INFOREQUEST']._serialized_end=887
+  _globals['_INFORESPONSE']._serialized_start=890
+  _globals['_INFORESPONSE']._serialized_end=1212
+  _globals['_EMBEDDER']._serialized_start=1215
+  _globals['_EMBEDDER']._serialized_end=1483
 # @@protoc_insertion_point(module_scope)

@@ -8,10 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EmbedOptions(_message.Message):
-    __slots__ = ("flip_fusion",)
+    __slots__ = ("flip_fusion", "detection")
     FLIP_FUSION_FIELD_NUMBER: _ClassVar[int]
+    DETECTION_FIELD_NUMBER: _ClassVar[int]
     flip_fusion: bool
-    def __init__(self, flip_fusion: _Optional[bool] = ...) -> None: ...
+    detection: _common_pb2.DetectOptions
+    def __init__(self, flip_fusion: _Optional[bool] = ..., detection: _Optional[_Union[_common_pb2.DetectOptions, _Mapping]] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("request_id", "images", "options")
@@ -24,14 +26,16 @@ class EmbedRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ..., options: _Optional[_Union[EmbedOptions, _Mapping]] = ...) -> None: ...
 
 class EmbedResult(_message.Message):
-    __slots__ = ("index", "embedding", "error")
+    __slots__ = ("index", "embedding", "error", "faces")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    FACES_FIELD_NUMBER: _ClassVar[int]
     index: int
     embedding: _common_pb2.Embedding
     error: _common_pb2.ImageError
-    def __init__(self, index: _Optional[int] = ..., embedding: _Optional[_Union[_common_pb2.Embedding, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.ImageError, _Mapping]] = ...) -> None: ...
+    faces: _containers.RepeatedCompositeFieldContainer[_common_pb2.DetectedFace]
+    def __init__(self, index: _Optional[int] = ..., embedding: _Optional[_Union[_common_pb2.Embedding, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.ImageError, _Mapping]] = ..., faces: _Optional[_Iterable[_Union[_common_pb2.DetectedFace, _Mapping]]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("request_id", "results", "model_name", "error")
@@ -44,6 +48,34 @@ class EmbedResponse(_message.Message):
     model_name: str
     error: _common_pb2.StreamError
     def __init__(self, request_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[EmbedResult, _Mapping]]] = ..., model_name: _Optional[str] = ..., error: _Optional[_Union[_common_pb2.StreamError, _Mapping]] = ...) -> None: ...
+
+class DetectRequest(_message.Message):
+    __slots__ = ("request_id", "images", "options")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    images: _containers.RepeatedCompositeFieldContainer[_common_pb2.ImageInput]
+    options: _common_pb2.DetectOptions
+    def __init__(self, request_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ..., options: _Optional[_Union[_common_pb2.DetectOptions, _Mapping]] = ...) -> None: ...
+
+class DetectResult(_message.Message):
+    __slots__ = ("index", "faces", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    FACES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    faces: _containers.RepeatedCompositeFieldContainer[_common_pb2.DetectedFace]
+    error: _common_pb2.ImageError
+    def __init__(self, index: _Optional[int] = ..., faces: _Optional[_Iterable[_Union[_common_pb2.DetectedFace, _Mapping]]] = ..., error: _Optional[_Union[_common_pb2.ImageError, _Mapping]] = ...) -> None: ...
+
+class DetectResponse(_message.Message):
+    __slots__ = ("request_id", "results")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    results: _containers.RepeatedCompositeFieldContainer[DetectResult]
+    def __init__(self, request_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[DetectResult, _Mapping]]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

@@ -49,6 +49,11 @@ class EmbedderStub:
                 request_serializer=adaface_dot_v1_dot_embedder__pb2.InfoRequest.SerializeToString,
                 response_deserializer=adaface_dot_v1_dot_embedder__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Detect = channel.unary_unary(
+                '/adaface.v1.Embedder/Detect',
+                request_serializer=adaface_dot_v1_dot_embedder__pb2.DetectRequest.SerializeToString,
+                response_deserializer=adaface_dot_v1_dot_embedder__pb2.DetectResponse.FromString,
+                _registered_method=True)
 
 
 class EmbedderServicer:
@@ -81,6 +86,15 @@ class EmbedderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Detect(self, request, context):
+        """Runs face detection only: boxes, scores and landmarks per image (and optionally the
+        aligned crops). An image without a face gets error REASON_NO_FACE; the RPC still
+        succeeds. UNIMPLEMENTED when the server runs no detector.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbedderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +112,11 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=adaface_dot_v1_dot_embedder__pb2.InfoRequest.FromString,
                     response_serializer=adaface_dot_v1_dot_embedder__pb2.InfoResponse.SerializeToString,
+            ),
+            'Detect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detect,
+                    request_deserializer=adaface_dot_v1_dot_embedder__pb2.DetectRequest.FromString,
+                    response_serializer=adaface_dot_v1_dot_embedder__pb2.DetectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +200,33 @@ class Embedder:
             '/adaface.v1.Embedder/Info',
             adaface_dot_v1_dot_embedder__pb2.InfoRequest.SerializeToString,
             adaface_dot_v1_dot_embedder__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adaface.v1.Embedder/Detect',
+            adaface_dot_v1_dot_embedder__pb2.DetectRequest.SerializeToString,
+            adaface_dot_v1_dot_embedder__pb2.DetectResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,12 +9,21 @@ import numpy as np
 
 from adaface.v1 import common_pb2, embedder_pb2
 
-from ..embedding import ImageOutcome, ModelInfo
+from ..embedding import FaceOutcome, ImageOutcome, ModelInfo
 from ..errors import InvalidArgument
+from ..preprocess.detect import MIN_FACE_SIZE, THRESHOLDS, DetectParams, Selection
 from ..preprocess.pipeline import AlignMode, ImageItem
 
 MAX_REQUEST_ID = 128
 MAX_SIDE = 65535
+MIN_FACE_RANGE = (12.0, 10000.0)
+
+_SELECTIONS = {
+    common_pb2.FACE_SELECTION_UNSPECIFIED: Selection.BEST,
+    common_pb2.FACE_SELECTION_BEST: Selection.BEST,
+    common_pb2.FACE_SELECTION_LARGEST: Selection.LARGEST,
+    common_pb2.FACE_SELECTION_ALL: Selection.ALL,
+}
 
 _MODES = {
     common_pb2.ALIGNMENT_ALIGNED: AlignMode.ALIGNED,
@@ -75,6 +84,81 @@ def image_items(request: embedder_pb2.EmbedRequest) -> list[ImageItem]:
     return [image_item(img, f"images[{i}]") for i, img in enumerate(request.images)]
 
 
+def detect_items(request: embedder_pb2.DetectRequest) -> list[ImageItem]:
+    """Detect ignores `alignment`: every image is detected."""
+    items = []
+    for i, img in enumerate(request.images):
+        if img.landmarks:
+            raise InvalidArgument(
+                f"images[{i}].landmarks: must be empty for Detect, got {len(img.landmarks)} values"
+            )
+        probe = common_pb2.ImageInput()
+        probe.CopyFrom(img)
+        probe.alignment = common_pb2.ALIGNMENT_DETECT
+        items.append(image_item(probe, f"images[{i}]"))
+    return items
+
+
+def detect_params(options: common_pb2.DetectOptions, field: str) -> DetectParams:
+    """Validates DetectOptions; zero values mean AdaFace's defaults."""
+    if options.selection not in _SELECTIONS:
+        raise InvalidArgument(f"{field}.selection: unknown value {options.selection}")
+    min_face = options.min_face_size or MIN_FACE_SIZE
+    low, high = MIN_FACE_RANGE
+    if not (math.isfinite(min_face) and low <= min_face <= high):
+        raise InvalidArgument(
+            f"{field}.min_face_size: must be 0 (default {MIN_FACE_SIZE:g}) or "
+            f"{low:g}..{high:g} pixels, got {options.min_face_size:g}"
+        )
+    min_score = options.min_score or THRESHOLDS[2]
+    if not (math.isfinite(min_score) and 0.0 < min_score < 1.0):
+        raise InvalidArgument(
+            f"{field}.min_score: must be 0 (default {THRESHOLDS[2]:g}) or in (0, 1), "
+            f"got {options.min_score:g}"
+        )
+    return DetectParams(
+        selection=_SELECTIONS[options.selection],
+        min_face_size=float(min_face),
+        min_score=float(min_score),
+        return_aligned=options.return_aligned,
+        upstream_softmax=options.upstream_softmax,
+    )
+
+
+def _fill_face(msg: common_pb2.DetectedFace, face: FaceOutcome) -> None:
+    msg.box.extend(float(v) for v in face.face.box)
+    msg.score = face.face.score
+    msg.landmarks.extend(float(v) for v in face.face.landmarks.reshape(-1))
+    if face.embedding is not None:
+        _fill_embedding(msg.embedding, face.embedding, face.norm)
+    msg.aligned_png = face.aligned_png
+
+
+def _fill_embedding(msg: common_pb2.Embedding, embedding: np.ndarray, norm: float) -> None:
+    vector = np.asarray(embedding, dtype="<f4")
+    msg.vector = vector.tobytes()
+    msg.dim = vector.size
+    msg.norm = norm
+
+
+def _fill_error(msg: common_pb2.ImageError, outcome: ImageOutcome) -> None:
+    msg.reason = common_pb2.ImageError.Reason.Value(
+        "REASON_" + (outcome.error_reason or "UNSPECIFIED")
+    )
+    msg.message = outcome.error_message
+
+
+def detect_response(rid: str, outcomes: list[ImageOutcome]) -> embedder_pb2.DetectResponse:
+    response = embedder_pb2.DetectResponse(request_id=rid)
+    for i, outcome in enumerate(outcomes):
+        result = response.results.add(index=i)
+        if outcome.error_reason is not None:
+            _fill_error(result.error, outcome)
+        for face in outcome.faces:
+            _fill_face(result.faces.add(), face)
+    return response
+
+
 def embed_response(
     rid: str, outcomes: list[ImageOutcome], model_name: str
 ) -> embedder_pb2.EmbedResponse:
@@ -82,15 +166,11 @@ def embed_response(
     for i, outcome in enumerate(outcomes):
         result = response.results.add(index=i)
         if outcome.ok:
-            vector = np.asarray(outcome.embedding, dtype="<f4")
-            result.embedding.vector = vector.tobytes()
-            result.embedding.dim = vector.size
-            result.embedding.norm = outcome.norm
+            _fill_embedding(result.embedding, outcome.embedding, outcome.norm)
+            for face in outcome.faces:
+                _fill_face(result.faces.add(), face)
         else:
-            result.error.reason = common_pb2.ImageError.Reason.Value(
-                "REASON_" + (outcome.error_reason or "UNSPECIFIED")
-            )
-            result.error.message = outcome.error_message
+            _fill_error(result.error, outcome)
     return response
 
 
@@ -114,5 +194,6 @@ def info_response(info: ModelInfo, settings) -> embedder_pb2.InfoResponse:
         server_version=info.server_version,
         untrained=info.untrained,
         weights=info.weights,
-        alignments=[common_pb2.ALIGNMENT_ALIGNED, common_pb2.ALIGNMENT_LANDMARKS],
+        alignments=[common_pb2.ALIGNMENT_ALIGNED, common_pb2.ALIGNMENT_LANDMARKS]
+        + ([common_pb2.ALIGNMENT_DETECT] if settings.detector != "none" else []),
     )

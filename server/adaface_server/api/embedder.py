@@ -36,7 +36,8 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
     async def _embed(self, request: embedder_pb2.EmbedRequest) -> embedder_pb2.EmbedResponse:
         rid = convert.request_id(request.request_id)
         items = convert.image_items(request)
-        outcomes = await self._service.embed(items, flip=request.options.flip_fusion)
+        detect = convert.detect_params(request.options.detection, "options.detection")
+        outcomes = await self._service.embed(items, flip=request.options.flip_fusion, detect=detect)
         response = convert.embed_response(rid, outcomes, self._service.info().model_name)
         if not any(o.ok for o in outcomes):
             raise AllImagesFailed(response, convert.all_failed_message(outcomes))
@@ -45,6 +46,13 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
     @unary_errors
     async def Embed(self, request, context):
         return await self._embed(request)
+
+    @unary_errors
+    async def Detect(self, request, context):
+        rid = convert.request_id(request.request_id)
+        items = convert.detect_items(request)
+        params = convert.detect_params(request.options, "options")
+        return convert.detect_response(rid, await self._service.detect(items, params))
 
     @unary_errors
     async def Info(self, request, context):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
+from PIL import Image
 
 from .align import AlignmentError, align_face
 from .decode import DecodeLimits, ImageRejected, decode_image, raw_image
+from .detect import MTCNN, DetectParams, Face, Selection
 
 CROP_SIZE = 112
 
@@ -54,6 +57,53 @@ def face_crop(item: ImageItem, limits: DecodeLimits) -> np.ndarray:
         except AlignmentError as exc:
             raise ImageRejected("ALIGNMENT_FAILED", str(exc)) from None
     raise ValueError(f"face_crop does not handle {item.mode}")
+
+
+@dataclass(frozen=True)
+class FaceCrop:
+    """A detected face and its aligned 112x112x3 RGB crop."""
+
+    face: Face
+    crop: np.ndarray
+
+
+def select_faces(faces: list[Face], selection: Selection) -> list[Face]:
+    """Applies the request's selection to faces sorted best score first."""
+    if not faces or selection is Selection.ALL:
+        return faces
+    if selection is Selection.LARGEST:
+        return [max(faces, key=lambda f: f.area)]
+    return [faces[0]]
+
+
+def detect_crops(
+    item: ImageItem, limits: DecodeLimits, detector: MTCNN, params: DetectParams
+) -> list[FaceCrop]:
+    """Detects, selects and aligns faces; ImageRejected(NO_FACE) when none is usable."""
+    pixels = load_pixels(item, limits)
+    height, width = pixels.shape[:2]
+    faces = select_faces(detector.detect(pixels, params), params.selection)
+    if not faces:
+        raise ImageRejected(
+            "NO_FACE",
+            f"no face found in the {width}x{height} image (min_face_size "
+            f"{params.min_face_size:g} px, min_score {params.min_score:g})",
+        )
+    out = []
+    for face in faces:
+        try:
+            # Warped from the full-resolution pixels, even when detection ran downscaled.
+            out.append(FaceCrop(face, align_face(pixels, face.landmarks)))
+        except AlignmentError as exc:
+            if len(faces) == 1:
+                raise ImageRejected("ALIGNMENT_FAILED", f"detected face: {exc}") from None
+    return out
+
+
+def png_bytes(crop: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(crop).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def to_model_input(crops: list[np.ndarray], flip: bool) -> np.ndarray:
