@@ -162,7 +162,10 @@ class DetectionOptions:
 
     selection: "best" (highest score, AdaFace's choice), "largest" or "all";
     min_face_size in pixels and min_score in (0, 1) (0 = the server's defaults, 20 and 0.9);
-    return_aligned: also return each aligned 112x112 crop as PNG bytes.
+    return_aligned: also return each aligned 112x112 crop as PNG bytes;
+    upstream_softmax: reproduce AdaFace's P-Net softmax bug for exact parity;
+    align_method: "adaface" (AdaFace's own alignment) or "insightface" (norm_crop's Umeyama
+    fit onto arcface_dst).
     """
 
     selection: str = "best"
@@ -170,6 +173,7 @@ class DetectionOptions:
     min_score: float = 0.0
     return_aligned: bool = False
     upstream_softmax: bool = False
+    align_method: str = "adaface"
 
     def to_proto(self) -> common_pb2.DetectOptions:
         try:
@@ -178,12 +182,19 @@ class DetectionOptions:
             raise ValueError(
                 f"selection must be best, largest or all, got {self.selection!r}"
             ) from None
+        try:
+            method = common_pb2.AlignMethod.Value("ALIGN_METHOD_" + self.align_method.upper())
+        except ValueError:
+            raise ValueError(
+                f"align_method must be adaface or insightface, got {self.align_method!r}"
+            ) from None
         return common_pb2.DetectOptions(
             selection=selection,
             min_face_size=self.min_face_size,
             min_score=self.min_score,
             return_aligned=self.return_aligned,
             upstream_softmax=self.upstream_softmax,
+            align_method=method,
         )
 
 

@@ -17,6 +17,7 @@ from adaface.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc
 from adaface_client import Client, DetectionOptions
 from adaface_server.app import App
 from adaface_server.errors import StartupError
+from adaface_server.preprocess.align import align_face, norm_crop
 
 from .server_harness import server_settings
 
@@ -135,12 +136,35 @@ def test_detect_rpc_returns_boxes_and_aligned_crops(stub) -> None:
     assert junk.error.reason == common_pb2.ImageError.REASON_UNDECODABLE
 
 
+def test_align_method_insightface_uses_norm_crop(stub) -> None:
+    def crop_and_marks(method: int) -> tuple[np.ndarray, np.ndarray]:
+        request = embedder_pb2.DetectRequest(
+            images=[common_pb2.ImageInput(encoded=encode(ASTRONAUT))],
+            options=common_pb2.DetectOptions(return_aligned=True, align_method=method),
+        )
+        (face,) = stub.Detect(request, timeout=60).results[0].faces
+        crop = np.asarray(Image.open(io.BytesIO(face.aligned_png)).convert("RGB"))
+        return crop, np.asarray(face.landmarks, np.float64).reshape(5, 2)
+
+    default, marks = crop_and_marks(common_pb2.ALIGN_METHOD_UNSPECIFIED)
+    adaface, _ = crop_and_marks(common_pb2.ALIGN_METHOD_ADAFACE)
+    insight, insight_marks = crop_and_marks(common_pb2.ALIGN_METHOD_INSIGHTFACE)
+    np.testing.assert_array_equal(default, adaface)
+    np.testing.assert_array_equal(insight_marks, marks)  # same detection, other crop
+    # The server's landmarks are float32 on the wire: crop from those, same as the server
+    # (which crops from float64) up to the last grey level.
+    assert np.abs(insight.astype(int) - norm_crop(ASTRONAUT, marks)).max() <= 1
+    assert np.abs(adaface.astype(int) - align_face(ASTRONAUT, marks)).max() <= 1
+    assert not np.array_equal(insight, adaface)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         (common_pb2.DetectOptions(min_face_size=5), "options.min_face_size: must be 0"),
         (common_pb2.DetectOptions(min_score=1.5), "options.min_score: must be 0"),
         (common_pb2.DetectOptions(selection=9), "options.selection: unknown value 9"),
+        (common_pb2.DetectOptions(align_method=7), "options.align_method: unknown value 7"),
     ],
 )
 def test_bad_detect_options_are_invalid_argument(stub, options, message) -> None:

@@ -10,11 +10,16 @@ import pytest
 
 from adaface_server.preprocess.align import (
     ADAFACE_TEMPLATE_112,
+    ARCFACE_TEMPLATE_112,
     AlignmentError,
+    AlignMethod,
     adaface_similarity,
     align_face,
+    align_with,
     mtcnn_landmarks,
+    norm_crop,
     parse_landmarks,
+    umeyama_similarity,
     warp_affine,
 )
 
@@ -241,3 +246,78 @@ def test_mtcnn_layout_needs_ten_values() -> None:
 def test_bad_image_raises(image: np.ndarray, message: str) -> None:
     with pytest.raises(AlignmentError, match=message):
         align_face(image, ADAFACE_TEMPLATE_112)
+
+
+# --- InsightFace norm_crop (Umeyama onto arcface_dst) ---
+
+
+def test_arcface_template_is_insightfaces() -> None:
+    np.testing.assert_array_equal(ARCFACE_TEMPLATE_112, np.array(DESIGN_TEMPLATE))
+
+
+def test_umeyama_on_the_template_is_identity() -> None:
+    matrix = umeyama_similarity(ARCFACE_TEMPLATE_112)
+    # Landmarks are float32 on the way in, so identity up to float32 rounding of the points.
+    np.testing.assert_allclose(matrix, np.eye(2, 3), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("degrees", "scale", "shift"),
+    [(0.0, 1.0, (0.0, 0.0)), (17.0, 2.5, (140.0, -30.0)), (-95.0, 0.4, (3.0, 410.0))],
+)
+def test_umeyama_maps_similar_points_back(
+    degrees: float, scale: float, shift: tuple[float, float]
+) -> None:
+    points = _apply(_similarity(degrees, scale, shift), ARCFACE_TEMPLATE_112)
+    matrix = umeyama_similarity(points)
+    np.testing.assert_allclose(_apply(matrix, points), ARCFACE_TEMPLATE_112, atol=1e-4)
+
+
+@pytest.mark.parametrize(("degrees", "scale"), [(0.0, 1.0), (-12.0, 3.0), (40.0, 0.7)])
+def test_umeyama_equals_adaface_fit_for_exactly_similar_points(
+    degrees: float, scale: float
+) -> None:
+    # The two templates agree to 5e-7 px, so on exactly similar points both least-squares
+    # fits are the same transform.
+    points = _apply(_similarity(degrees, scale, (200.0, 90.0)), ADAFACE_TEMPLATE_112)
+    np.testing.assert_allclose(umeyama_similarity(points), adaface_similarity(points), atol=1e-4)
+
+
+def test_umeyama_equals_skimage_similarity_transform() -> None:
+    transform = pytest.importorskip("skimage.transform")
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        truth = _similarity(
+            rng.uniform(-60, 60), rng.uniform(0.3, 4), tuple(rng.uniform(-50, 300, 2))
+        )
+        points = _apply(truth, ARCFACE_TEMPLATE_112) + rng.normal(0, 3, (5, 2))
+        points = points.astype(np.float32).astype(np.float64)
+        tform = transform.SimilarityTransform.from_estimate(points, ARCFACE_TEMPLATE_112)
+        assert tform
+        np.testing.assert_allclose(umeyama_similarity(points), tform.params[:2], atol=1e-9)
+
+
+def test_umeyama_never_reflects() -> None:
+    mirrored = ARCFACE_TEMPLATE_112.copy()
+    mirrored[:, 0] = 112.0 - mirrored[:, 0]
+    matrix = umeyama_similarity(mirrored)
+    assert np.linalg.det(matrix[:, :2]) > 0
+    # AdaFace's fit does reflect the same points (upstream behaviour).
+    assert np.linalg.det(adaface_similarity(mirrored)[:, :2]) < 0
+
+
+def test_norm_crop_uses_the_shared_warp() -> None:
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (300, 280, 3), dtype=np.uint8)
+    points = _apply(_similarity(10.0, 2.0, (60.0, 40.0)), ARCFACE_TEMPLATE_112)
+    crop = norm_crop(image, points)
+    assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8
+    np.testing.assert_array_equal(crop, warp_affine(image, umeyama_similarity(points)))
+    np.testing.assert_array_equal(align_with(image, points, AlignMethod.INSIGHTFACE), crop)
+    np.testing.assert_array_equal(
+        align_with(image, points, AlignMethod.ADAFACE), align_face(image, points)
+    )
+    with pytest.raises(AlignmentError, match="degenerate"):
+        norm_crop(image, np.full((5, 2), 7.0))
+    with pytest.raises(AlignmentError, match="image"):
+        norm_crop(image[..., 0], points)

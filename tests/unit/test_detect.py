@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 from PIL import Image
 
 from adaface_server.errors import StartupError
+from adaface_server.preprocess.align import align_face, mtcnn_landmarks
 from adaface_server.preprocess.detect import MTCNN, DetectParams, Selection, nms
 from adaface_server.preprocess.mtcnn_nets import load_nets
 from adaface_server.preprocess.mtcnn_weights import WeightsError, weight_paths
@@ -128,3 +131,23 @@ def test_missing_and_corrupt_weights_say_how_to_fetch(tmp_path: Path) -> None:
     (tmp_path / "rnet.pt").write_bytes(b"garbage")
     with pytest.raises(StartupError, match=r"rnet\.pt is corrupt"):
         load_nets(tmp_path)
+
+
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "mtcnn_upstream_astronaut.json"
+
+
+def test_upstream_softmax_matches_adaface_pipeline(detector: MTCNN) -> None:
+    """Parity with upstream's own MTCNN + align_multi (tests/tools/make_mtcnn_reference.py)."""
+    ref = json.loads(REFERENCE.read_text())
+    astronaut = skimage.data.astronaut()
+    faces = detector.detect(astronaut, DetectParams(upstream_softmax=True))
+    assert len(faces) == len(ref["boxes"]) == 1
+    face = faces[0]
+    ref_marks = mtcnn_landmarks(ref["landmarks"][0])  # upstream order x1..x5, y1..y5
+    assert np.abs(face.landmarks - ref_marks).max() < 1.0
+    assert np.abs(face.box - np.asarray(ref["boxes"][0])).max() < 1.5
+    assert face.score == pytest.approx(ref["scores"][0], abs=1e-4)
+    crop = np.frombuffer(base64.b64decode(ref["crops_b64"][0]), np.uint8)
+    crop = crop.reshape(ref["crop_shape"])
+    ours = align_face(astronaut, face.landmarks).astype(np.int16)
+    assert np.abs(ours - crop).max() <= 3

@@ -24,17 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61\x64\x61\x66\x61\x63\x65/v1/common.proto\x12\nadaface.v1\"7\n\x08RawImage\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x8b\x01\n\nImageInput\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12#\n\x03raw\x18\x02 \x01(\x0b\x32\x14.adaface.v1.RawImageH\x00\x12(\n\talignment\x18\x03 \x01(\x0e\x32\x15.adaface.v1.Alignment\x12\x11\n\tlandmarks\x18\x04 \x03(\x02\x42\x08\n\x06source\"6\n\tEmbedding\x12\x0e\n\x06vector\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0c\n\x04norm\x18\x03 \x01(\x02\"\x87\x02\n\nImageError\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.adaface.v1.ImageError.Reason\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb8\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12REASON_UNDECODABLE\x10\x01\x12\x19\n\x15REASON_TOO_MANY_BYTES\x10\x02\x12\x1a\n\x16REASON_TOO_MANY_PIXELS\x10\x03\x12\x16\n\x12REASON_NOT_ALIGNED\x10\x04\x12\x1b\n\x17REASON_ALIGNMENT_FAILED\x10\x05\x12\x12\n\x0eREASON_NO_FACE\x10\x06\"\x99\x01\n\rDetectOptions\x12,\n\tselection\x18\x01 \x01(\x0e\x32\x19.adaface.v1.FaceSelection\x12\x15\n\rmin_face_size\x18\x02 \x01(\x02\x12\x11\n\tmin_score\x18\x03 \x01(\x02\x12\x16\n\x0ereturn_aligned\x18\x04 \x01(\x08\x12\x18\n\x10upstream_softmax\x18\x05 \x01(\x08\"|\n\x0c\x44\x65tectedFace\x12\x0b\n\x03\x62ox\x18\x01 \x03(\x02\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tlandmarks\x18\x03 \x03(\x02\x12(\n\tembedding\x18\x04 \x01(\x0b\x32\x15.adaface.v1.Embedding\x12\x13\n\x0b\x61ligned_png\x18\x05 \x01(\x0c\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t*l\n\tAlignment\x12\x19\n\x15\x41LIGNMENT_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41LIGNMENT_ALIGNED\x10\x01\x12\x17\n\x13\x41LIGNMENT_LANDMARKS\x10\x02\x12\x14\n\x10\x41LIGNMENT_DETECT\x10\x03*|\n\rFaceSelection\x12\x1e\n\x1a\x46\x41\x43\x45_SELECTION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x46\x41\x43\x45_SELECTION_BEST\x10\x01\x12\x1a\n\x16\x46\x41\x43\x45_SELECTION_LARGEST\x10\x02\x12\x16\n\x12\x46\x41\x43\x45_SELECTION_ALL\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61\x64\x61\x66\x61\x63\x65/v1/common.proto\x12\nadaface.v1\"7\n\x08RawImage\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x8b\x01\n\nImageInput\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12#\n\x03raw\x18\x02 \x01(\x0b\x32\x14.adaface.v1.RawImageH\x00\x12(\n\talignment\x18\x03 \x01(\x0e\x32\x15.adaface.v1.Alignment\x12\x11\n\tlandmarks\x18\x04 \x03(\x02\x42\x08\n\x06source\"6\n\tEmbedding\x12\x0e\n\x06vector\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0c\n\x04norm\x18\x03 \x01(\x02\"\x87\x02\n\nImageError\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.adaface.v1.ImageError.Reason\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xb8\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12REASON_UNDECODABLE\x10\x01\x12\x19\n\x15REASON_TOO_MANY_BYTES\x10\x02\x12\x1a\n\x16REASON_TOO_MANY_PIXELS\x10\x03\x12\x16\n\x12REASON_NOT_ALIGNED\x10\x04\x12\x1b\n\x17REASON_ALIGNMENT_FAILED\x10\x05\x12\x12\n\x0eREASON_NO_FACE\x10\x06\"\xc8\x01\n\rDetectOptions\x12,\n\tselection\x18\x01 \x01(\x0e\x32\x19.adaface.v1.FaceSelection\x12\x15\n\rmin_face_size\x18\x02 \x01(\x02\x12\x11\n\tmin_score\x18\x03 \x01(\x02\x12\x16\n\x0ereturn_aligned\x18\x04 \x01(\x08\x12\x18\n\x10upstream_softmax\x18\x05 \x01(\x08\x12-\n\x0c\x61lign_method\x18\x06 \x01(\x0e\x32\x17.adaface.v1.AlignMethod\"|\n\x0c\x44\x65tectedFace\x12\x0b\n\x03\x62ox\x18\x01 \x03(\x02\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tlandmarks\x18\x03 \x03(\x02\x12(\n\tembedding\x18\x04 \x01(\x0b\x32\x15.adaface.v1.Embedding\x12\x13\n\x0b\x61ligned_png\x18\x05 \x01(\x0c\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t*l\n\tAlignment\x12\x19\n\x15\x41LIGNMENT_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41LIGNMENT_ALIGNED\x10\x01\x12\x17\n\x13\x41LIGNMENT_LANDMARKS\x10\x02\x12\x14\n\x10\x41LIGNMENT_DETECT\x10\x03*|\n\rFaceSelection\x12\x1e\n\x1a\x46\x41\x43\x45_SELECTION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x46\x41\x43\x45_SELECTION_BEST\x10\x01\x12\x1a\n\x16\x46\x41\x43\x45_SELECTION_LARGEST\x10\x02\x12\x16\n\x12\x46\x41\x43\x45_SELECTION_ALL\x10\x03*c\n\x0b\x41lignMethod\x12\x1c\n\x18\x41LIGN_METHOD_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41LIGN_METHOD_ADAFACE\x10\x01\x12\x1c\n\x18\x41LIGN_METHOD_INSIGHTFACE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adaface.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ALIGNMENT']._serialized_start=888
-  _globals['_ALIGNMENT']._serialized_end=996
-  _globals['_FACESELECTION']._serialized_start=998
-  _globals['_FACESELECTION']._serialized_end=1122
+  _globals['_ALIGNMENT']._serialized_start=935
+  _globals['_ALIGNMENT']._serialized_end=1043
+  _globals['_FACESELECTION']._serialized_start=1045
+  _globals['_FACESELECTION']._serialized_end=1169
+  _globals['_ALIGNMETHOD']._serialized_start=1171
+  _globals['_ALIGNMETHOD']._serialized_end=1270
   _globals['_RAWIMAGE']._serialized_start=39
   _globals['_RAWIMAGE']._serialized_end=94
   _globals['_IMAGEINPUT']._serialized_start=97
@@ -46,9 +48,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGEERROR_REASON']._serialized_start=374
   _globals['_IMAGEERROR_REASON']._serialized_end=558
   _globals['_DETECTOPTIONS']._serialized_start=561
-  _globals['_DETECTOPTIONS']._serialized_end=714
-  _globals['_DETECTEDFACE']._serialized_start=716
-  _globals['_DETECTEDFACE']._serialized_end=840
-  _globals['_STREAMERROR']._serialized_start=842
-  _globals['_STREAMERROR']._serialized_end=886
+  _globals['_DETECTOPTIONS']._serialized_end=761
+  _globals['_DETECTEDFACE']._serialized_start=763
+  _globals['_DETECTEDFACE']._serialized_end=887
+  _globals['_STREAMERROR']._serialized_start=889
+  _globals['_STREAMERROR']._serialized_end=933
 # @@protoc_insertion_point(module_scope)

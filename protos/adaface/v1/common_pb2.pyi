@@ -20,6 +20,12 @@ class FaceSelection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FACE_SELECTION_BEST: _ClassVar[FaceSelection]
     FACE_SELECTION_LARGEST: _ClassVar[FaceSelection]
     FACE_SELECTION_ALL: _ClassVar[FaceSelection]
+
+class AlignMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ALIGN_METHOD_UNSPECIFIED: _ClassVar[AlignMethod]
+    ALIGN_METHOD_ADAFACE: _ClassVar[AlignMethod]
+    ALIGN_METHOD_INSIGHTFACE: _ClassVar[AlignMethod]
 ALIGNMENT_UNSPECIFIED: Alignment
 ALIGNMENT_ALIGNED: Alignment
 ALIGNMENT_LANDMARKS: Alignment
@@ -28,6 +34,9 @@ FACE_SELECTION_UNSPECIFIED: FaceSelection
 FACE_SELECTION_BEST: FaceSelection
 FACE_SELECTION_LARGEST: FaceSelection
 FACE_SELECTION_ALL: FaceSelection
+ALIGN_METHOD_UNSPECIFIED: AlignMethod
+ALIGN_METHOD_ADAFACE: AlignMethod
+ALIGN_METHOD_INSIGHTFACE: AlignMethod
 
 class RawImage(_message.Message):
     __slots__ = ("height", "width", "data")
@@ -86,18 +95,20 @@ class ImageError(_message.Message):
     def __init__(self, reason: _Optional[_Union[ImageError.Reason, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class DetectOptions(_message.Message):
-    __slots__ = ("selection", "min_face_size", "min_score", "return_aligned", "upstream_softmax")
+    __slots__ = ("selection", "min_face_size", "min_score", "return_aligned", "upstream_softmax", "align_method")
     SELECTION_FIELD_NUMBER: _ClassVar[int]
     MIN_FACE_SIZE_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     RETURN_ALIGNED_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_SOFTMAX_FIELD_NUMBER: _ClassVar[int]
+    ALIGN_METHOD_FIELD_NUMBER: _ClassVar[int]
     selection: FaceSelection
     min_face_size: float
     min_score: float
     return_aligned: bool
     upstream_softmax: bool
-    def __init__(self, selection: _Optional[_Union[FaceSelection, str]] = ..., min_face_size: _Optional[float] = ..., min_score: _Optional[float] = ..., return_aligned: _Optional[bool] = ..., upstream_softmax: _Optional[bool] = ...) -> None: ...
+    align_method: AlignMethod
+    def __init__(self, selection: _Optional[_Union[FaceSelection, str]] = ..., min_face_size: _Optional[float] = ..., min_score: _Optional[float] = ..., return_aligned: _Optional[bool] = ..., upstream_softmax: _Optional[bool] = ..., align_method: _Optional[_Union[AlignMethod, str]] = ...) -> None: ...
 
 class DetectedFace(_message.Message):
     __slots__ = ("box", "score", "landmarks", "embedding", "aligned_png")

@@ -11,6 +11,7 @@ from adaface.v1 import common_pb2, embedder_pb2
 
 from ..embedding import FaceOutcome, ImageOutcome, ModelInfo
 from ..errors import InvalidArgument
+from ..preprocess.align import AlignMethod
 from ..preprocess.detect import MIN_FACE_SIZE, THRESHOLDS, DetectParams, Selection
 from ..preprocess.pipeline import AlignMode, ImageItem
 
@@ -23,6 +24,11 @@ _SELECTIONS = {
     common_pb2.FACE_SELECTION_BEST: Selection.BEST,
     common_pb2.FACE_SELECTION_LARGEST: Selection.LARGEST,
     common_pb2.FACE_SELECTION_ALL: Selection.ALL,
+}
+_ALIGN_METHODS = {
+    common_pb2.ALIGN_METHOD_UNSPECIFIED: AlignMethod.ADAFACE,
+    common_pb2.ALIGN_METHOD_ADAFACE: AlignMethod.ADAFACE,
+    common_pb2.ALIGN_METHOD_INSIGHTFACE: AlignMethod.INSIGHTFACE,
 }
 
 _MODES = {
@@ -103,6 +109,8 @@ def detect_params(options: common_pb2.DetectOptions, field: str) -> DetectParams
     """Validates DetectOptions; zero values mean AdaFace's defaults."""
     if options.selection not in _SELECTIONS:
         raise InvalidArgument(f"{field}.selection: unknown value {options.selection}")
+    if options.align_method not in _ALIGN_METHODS:
+        raise InvalidArgument(f"{field}.align_method: unknown value {options.align_method}")
     min_face = options.min_face_size or MIN_FACE_SIZE
     low, high = MIN_FACE_RANGE
     if not (math.isfinite(min_face) and low <= min_face <= high):
@@ -122,6 +130,7 @@ def detect_params(options: common_pb2.DetectOptions, field: str) -> DetectParams
         min_score=float(min_score),
         return_aligned=options.return_aligned,
         upstream_softmax=options.upstream_softmax,
+        align_method=_ALIGN_METHODS[options.align_method],
     )
 
 

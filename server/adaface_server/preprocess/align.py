@@ -1,18 +1,30 @@
-"""Five-point face alignment onto AdaFace's 112x112 template, bit-compatible with upstream + cv2."""
+"""Five-point face alignment onto a 112x112 template.
+
+Two fits share one cv2-exact warp: AdaFace's (``align_face``, bit-compatible with upstream's
+``warp_and_crop_face`` + cv2) and InsightFace's ``norm_crop`` (Umeyama similarity onto the
+``arcface_dst`` template).
+"""
 
 from __future__ import annotations
+
+from enum import Enum
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 __all__ = [
     "ADAFACE_TEMPLATE_112",
+    "ARCFACE_TEMPLATE_112",
     "CROP_SIZE",
+    "AlignMethod",
     "AlignmentError",
     "adaface_similarity",
     "align_face",
+    "align_with",
     "mtcnn_landmarks",
+    "norm_crop",
     "parse_landmarks",
+    "umeyama_similarity",
     "warp_affine",
 ]
 
@@ -34,6 +46,28 @@ _TEMPLATE_96X112 = np.array(
 ADAFACE_TEMPLATE_112: np.ndarray = (_TEMPLATE_96X112 + np.array([8.0, 0.0])).astype(np.float32)
 """(5, 2) float32: left eye, right eye, nose tip, left / right mouth corner, as (x, y) px."""
 ADAFACE_TEMPLATE_112.flags.writeable = False
+
+# InsightFace's arcface_dst (insightface.utils.face_align) for 112x112 crops, same point order.
+ARCFACE_TEMPLATE_112: np.ndarray = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    dtype=np.float64,
+)
+"""(5, 2) float64: InsightFace's template, (x, y) px, in the order of ADAFACE_TEMPLATE_112."""
+ARCFACE_TEMPLATE_112.flags.writeable = False
+
+
+class AlignMethod(Enum):
+    """How five landmarks become a crop: the fit; both use the same cv2-exact warp."""
+
+    ADAFACE = "adaface"  # matlab_cp2tform similarity onto AdaFace's template (upstream)
+    INSIGHTFACE = "insightface"  # Umeyama similarity onto arcface_dst (norm_crop)
+
 
 # Below this RMS spread (px) the five points carry no scale or rotation, and upstream's
 # fit would crash in numpy.linalg.inv with "Singular matrix" instead of a useful message.
@@ -285,12 +319,63 @@ def align_face(image: np.ndarray, landmarks: ArrayLike) -> np.ndarray:
     crop_size=(112, 112))``; see :func:`parse_landmarks` for the accepted layouts. Parts of
     the crop that fall outside the image are black.
     """
+    img = _check_rgb(image)
+    return warp_affine(img, adaface_similarity(landmarks), CROP_SIZE)
+
+
+def umeyama_similarity(landmarks: ArrayLike) -> np.ndarray:
+    """Return the 2x3 float64 matrix mapping image points onto :data:`ARCFACE_TEMPLATE_112`.
+
+    Least-squares similarity (rotation, uniform scale, translation) by Umeyama's method
+    (IEEE TPAMI 13(4), 1991), as ``skimage.transform.SimilarityTransform.estimate`` computes
+    it for InsightFace's ``estimate_norm``. The rotation is always proper: a mirrored
+    landmark set is fitted with the best rotation, never with a reflection.
+    """
+    src = parse_landmarks(landmarks).astype(np.float64)
+    dst = ARCFACE_TEMPLATE_112
+    src_mean = src.mean(axis=0)
+    dst_mean = dst.mean(axis=0)
+    src_c = src - src_mean
+    dst_c = dst - dst_mean
+    n = src.shape[0]
+    cov = dst_c.T @ src_c / n
+    u, sigma, vt = np.linalg.svd(cov)
+    d = np.ones(2)
+    if np.linalg.det(cov) < 0:
+        d[-1] = -1.0
+    rotation = u @ np.diag(d) @ vt
+    src_var = src_c.var(axis=0).sum()
+    scale = float(sigma @ d) / src_var
+    translation = dst_mean - scale * rotation @ src_mean
+    matrix = np.hstack([scale * rotation, translation[:, None]])
+    if not np.isfinite(matrix).all() or scale <= 0:
+        raise AlignmentError("landmarks: degenerate, Umeyama similarity fit failed")
+    return np.ascontiguousarray(matrix)
+
+
+def norm_crop(image: np.ndarray, landmarks: ArrayLike) -> np.ndarray:
+    """InsightFace-style 112x112x3 uint8 crop: :func:`umeyama_similarity` + the cv2 warp.
+
+    Same input rules as :func:`align_face`; only the fit and the template differ.
+    """
+    img = _check_rgb(image)
+    return warp_affine(img, umeyama_similarity(landmarks), CROP_SIZE)
+
+
+def align_with(image: np.ndarray, landmarks: ArrayLike, method: AlignMethod) -> np.ndarray:
+    """Dispatch to :func:`align_face` or :func:`norm_crop`."""
+    if method is AlignMethod.INSIGHTFACE:
+        return norm_crop(image, landmarks)
+    return align_face(image, landmarks)
+
+
+def _check_rgb(image: np.ndarray) -> np.ndarray:
     img = np.asarray(image)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise AlignmentError(f"image: need uint8 (H, W, 3), got {img.dtype} {tuple(img.shape)}")
     if img.shape[0] < 1 or img.shape[1] < 1:
         raise AlignmentError(f"image: empty, shape {tuple(img.shape)}")
-    return warp_affine(img, adaface_similarity(landmarks), CROP_SIZE)
+    return img
 
 
 def _describe(value: object) -> str:

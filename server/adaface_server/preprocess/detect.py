@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .align import AlignMethod
 from .mtcnn_nets import load_nets
 
 # AdaFace's face_alignment/mtcnn.py constants.
@@ -38,6 +39,7 @@ class DetectParams:
     min_score: float = THRESHOLDS[2]  # O-Net threshold
     return_aligned: bool = False
     upstream_softmax: bool = False
+    align_method: AlignMethod = AlignMethod.ADAFACE  # fit used to crop each face
 
 
 @dataclass(frozen=True)

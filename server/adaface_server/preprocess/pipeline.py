@@ -9,7 +9,7 @@ from enum import Enum
 import numpy as np
 from PIL import Image
 
-from .align import AlignmentError, align_face
+from .align import AlignmentError, align_face, align_with
 from .decode import DecodeLimits, ImageRejected, decode_image, raw_image
 from .detect import MTCNN, DetectParams, Face, Selection
 
@@ -93,7 +93,7 @@ def detect_crops(
     for face in faces:
         try:
             # Warped from the full-resolution pixels, even when detection ran downscaled.
-            out.append(FaceCrop(face, align_face(pixels, face.landmarks)))
+            out.append(FaceCrop(face, align_with(pixels, face.landmarks, params.align_method)))
         except AlignmentError as exc:
             if len(faces) == 1:
                 raise ImageRejected("ALIGNMENT_FAILED", f"detected face: {exc}") from None
