@@ -71,7 +71,13 @@ def wait_serving(address: str, timeout: float = 300.0) -> None:
 
 
 async def drive(
-    address: str, clients: int, images_per_call: int, seconds: float, crops: list[bytes]
+    address: str,
+    clients: int,
+    images_per_call: int,
+    seconds: float,
+    crops: list[bytes],
+    alignment: int = common_pb2.ALIGNMENT_ALIGNED,
+    label: str = "",
 ) -> Row:
     latencies: list[float] = []
     images = 0
@@ -80,7 +86,7 @@ async def drive(
         requests = [
             embedder_pb2.EmbedRequest(
                 images=[
-                    common_pb2.ImageInput(encoded=crops[(i + k) % len(crops)])
+                    common_pb2.ImageInput(encoded=crops[(i + k) % len(crops)], alignment=alignment)
                     for k in range(images_per_call)
                 ]
             )
@@ -104,10 +110,26 @@ async def drive(
         await asyncio.gather(*(client(c) for c in range(clients)))
         elapsed = time.perf_counter() - started
     lat = np.array(latencies) * 1000
-    label = f"{clients} client(s) x {images_per_call} image(s)/call"
+    label = label or f"{clients} client(s) x {images_per_call} image(s)/call"
     return Row(
         label, images / elapsed, float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
     )
+
+
+def face_photos(n: int) -> list[bytes]:
+    """640x480 JPEG photos with one real face (scikit-image's astronaut) at varying places."""
+    import skimage.data
+
+    face = Image.fromarray(skimage.data.astronaut()).resize((320, 320))
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(n):
+        canvas = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
+        canvas.paste(face, (int(rng.integers(0, 320)), int(rng.integers(0, 160))))
+        buf = io.BytesIO()
+        canvas.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
 
 
 def run(
@@ -124,6 +146,9 @@ def run(
 
         port = free_port()
         env = {**os.environ, "ADAFACE_LOG_LEVEL": "WARNING"}
+        weights = Path(__file__).resolve().parents[1] / ".cache" / "mtcnn"
+        env.setdefault("ADAFACE_MTCNN_WEIGHTS", str(weights))
+        env.setdefault("ADAFACE_GALLERY_PATH", str(repo / "galleries.sqlite3"))
         server = subprocess.Popen(
             [
                 sys.executable,
@@ -153,6 +178,20 @@ def run(
             rows = []
             for clients, per_call in ((1, 1), (8, 1), (32, 1), (4, 8), (4, 32)):
                 rows.append(asyncio.run(drive(address, clients, per_call, seconds, crops)))
+            # Raw photos: MTCNN detection + alignment + embedding, same clients as row 4.
+            rows.append(
+                asyncio.run(
+                    drive(
+                        address,
+                        4,
+                        8,
+                        seconds,
+                        face_photos(16),
+                        common_pb2.ALIGNMENT_DETECT,
+                        "4 client(s) x 8 640x480 photo(s)/call, DETECT",
+                    )
+                )
+            )
         finally:
             server.terminate()
             server.wait(30)
@@ -181,6 +220,11 @@ def main() -> None:
             f"| {r.scenario} | {r.images_per_s:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
             f"{r.images_per_s / raw:.2f} |"
         )
+    detect, aligned = rows[-1], rows[3]
+    print(
+        "\nraw photos with detection / pre-aligned crops (4 clients x 8 images): "
+        f"{detect.images_per_s / aligned.images_per_s:.2f}"
+    )
 
 
 if __name__ == "__main__":
