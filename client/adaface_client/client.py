@@ -664,7 +664,40 @@ def _finish_embed(results: list[ImageResult], dim: int) -> tuple[np.ndarray, np.
 # Synchronous client
 
 
-class Client:
+class _SyncChannel:
+    """What every blocking client shares: one channel, retried typed unary calls, closing.
+
+    Subclasses add `__enter__` returning their own type."""
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float,
+        retries: int,
+        backoff: float,
+        credentials: grpc.ChannelCredentials | None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; in-flight calls are cancelled."""
+        self._channel.close()
+
+    def _call(self, method: Callable[..., Any], request: Any) -> Any:
+        return call_with_retries(method, request, self.timeout, self.retries, self.backoff)
+
+
+class Client(_SyncChannel):
     """Blocking Embedder client: chunks to the server's limits, pipelines requests, retries.
 
     Retries UNAVAILABLE and RESOURCE_EXHAUSTED up to `retries` times with exponential backoff
@@ -685,33 +718,16 @@ class Client:
         batch_size: int | None = None,
     ) -> None:
         _check_args(timeout, max_in_flight, retries, backoff)
-        self.target = target
-        self.timeout = timeout
+        super().__init__(target, timeout, retries, backoff, credentials)
         self.max_in_flight = max_in_flight
-        self.retries = retries
-        self.backoff = backoff
         self.flip = flip
         self.batch_size = batch_size
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
         self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
         self._info: ServerInfo | None = None
         self._info_lock = threading.Lock()
 
     def __enter__(self) -> Client:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the channel; in-flight calls are cancelled."""
-        self._channel.close()
-
-    def _call(self, method: Callable[..., Any], request: Any) -> Any:
-        return call_with_retries(method, request, self.timeout, self.retries, self.backoff)
 
     def info(self) -> ServerInfo:
         """Ask the server for its model and limits (and refresh the cached copy)."""

@@ -7,7 +7,7 @@ import os
 import queue
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,11 +18,10 @@ import numpy as np
 from adaface.v1 import common_pb2, embedder_pb2, gallery_pb2, gallery_pb2_grpc
 
 from .client import (
-    _CHANNEL_OPTIONS,
     AdafaceError,
     _check_args,
     _reason_name,
-    call_with_retries,
+    _SyncChannel,
     from_rpc_error,
     make_image_input,
 )
@@ -247,7 +246,7 @@ def _enum(table: Mapping[str, int], value: str, what: str) -> int:
 # Client
 
 
-class GalleryClient:
+class GalleryClient(_SyncChannel):
     """Blocking Gallery client. Retries UNAVAILABLE/RESOURCE_EXHAUSTED (e.g. while the
     server loads) with backoff; other failures raise typed AdafaceErrors (NotFound,
     AlreadyExists, FailedPrecondition, InvalidArgument, ...)."""
@@ -262,27 +261,11 @@ class GalleryClient:
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         _check_args(timeout, 1, retries, backoff)
-        self.target = target
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+        super().__init__(target, timeout, retries, backoff, credentials)
         self._stub = gallery_pb2_grpc.GalleryStub(self._channel)
 
     def __enter__(self) -> GalleryClient:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def _call(self, method: Callable[..., Any], request: Any) -> Any:
-        return call_with_retries(method, request, self.timeout, self.retries, self.backoff)
 
     # -- galleries -----------------------------------------------------------------------
 

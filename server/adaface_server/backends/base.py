@@ -42,6 +42,13 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
+def effective_max_batch_size(spec: ModelSpec, settings: Settings) -> int:
+    """The model config's max_batch_size, lowered (never raised) by --max-batch-size."""
+    if settings.max_batch_size:
+        return min(spec.max_batch_size, settings.max_batch_size)
+    return spec.max_batch_size
+
+
 def create_backend(settings: Settings) -> Backend:
     if settings.backend == "torchscript":
         from .torchscript import TorchScriptBackend

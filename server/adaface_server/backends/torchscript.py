@@ -12,6 +12,7 @@ import numpy as np
 from ..config import Settings
 from ..errors import Unavailable
 from ..models.repository import ModelRepositoryError, ModelSpec, load_model_spec
+from .base import effective_max_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,7 @@ class TorchScriptBackend:
 
     @property
     def max_batch_size(self) -> int:
-        limit = self.spec.max_batch_size
-        if self._settings.max_batch_size:
-            limit = min(limit, self._settings.max_batch_size)
-        return limit
+        return effective_max_batch_size(self.spec, self._settings)
 
     def ready(self) -> bool:
         return self._ready

@@ -38,6 +38,7 @@ from ..models.repository import (
     ModelSpec,
     load_model_spec,
 )
+from .base import effective_max_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,7 @@ class TritonBackend:
 
     @property
     def max_batch_size(self) -> int:
-        limit = self.spec.max_batch_size
-        if self._settings.max_batch_size:
-            limit = min(limit, self._settings.max_batch_size)
-        return limit
+        return effective_max_batch_size(self.spec, self._settings)
 
     def ready(self) -> bool:
         return self._ready
