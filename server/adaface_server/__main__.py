@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from . import logs
 from .app import App
 from .config import Settings, parse_settings
 from .errors import StartupError
@@ -30,11 +31,7 @@ async def run(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(run(settings))
     except StartupError as exc:

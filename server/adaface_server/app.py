@@ -20,12 +20,16 @@ from adaface.v1 import (
 
 from .api.embedder import EmbedderServicer
 from .api.gallery import GalleryServicer
+from .api.interceptor import RequestInterceptor
 from .api.sampling import SamplingServicer
 from .backends.base import create_backend
 from .config import Settings
 from .embedding import EmbeddingService
+from .errors import StartupError
 from .gallery.service import GalleryService
+from .metrics import Metrics
 from .sampling.service import SamplingService
+from .security import load_tokens, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +48,22 @@ class App:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.embedding = EmbeddingService(settings, create_backend(settings))
+        self.metrics = Metrics()
+        # Read here so a bad token file or certificate stops the server at start-up.
+        tokens = load_tokens(settings)
+        self._credentials = server_credentials(settings)
+        self.embedding = EmbeddingService(settings, create_backend(settings), self.metrics)
         self.health = health.aio.HealthServicer()
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(
+            interceptors=[RequestInterceptor(settings, tokens, self.metrics)],
             options=[
-                ("grpc.max_receive_message_length", limit),
+                # Up to twice the limit reaches the interceptor, which answers
+                # INVALID_ARGUMENT naming max_message_bytes; beyond that gRPC itself refuses
+                # the message (RESOURCE_EXHAUSTED) before reading it into memory.
+                ("grpc.max_receive_message_length", min(2 * limit, 2**31 - 1)),
                 ("grpc.max_send_message_length", limit),
-            ]
+            ],
         )
         embedder_pb2_grpc.add_EmbedderServicer_to_server(
             EmbedderServicer(self.embedding), self.server
@@ -62,21 +74,35 @@ class App:
         )
         self.gallery = GalleryService(settings, self.embedding)
         gallery_pb2_grpc.add_GalleryServicer_to_server(GalleryServicer(self.gallery), self.server)
+        self.metrics.live.queue_depth = lambda: self.embedding.queued_rows
+        self.metrics.live.gallery_sizes = self.gallery.sizes
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.port = 0
+        self.metrics_port = -1
         self._loader: asyncio.Task | None = None
         self._gallery_open: asyncio.Task | None = None
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        if self._credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, self._credentials)
         if self.port == 0:
-            raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
+            raise StartupError(f"cannot bind {address}")
+        settings = self.settings
+        self.metrics_port = self.metrics.serve(settings.metrics_host, settings.metrics_port)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
-        log.info("listening on %s:%d", self.settings.host, self.port)
+        log.info(
+            "listening on %s:%d (%s)",
+            self.settings.host,
+            self.port,
+            _transport(self.settings),
+        )
         # SQLite is opened and every gallery index rebuilt alongside the model load.
         self._gallery_open = asyncio.create_task(self.gallery.open(), name="gallery-open")
         self._loader = asyncio.create_task(self._load(), name="model-loader")
@@ -127,6 +153,13 @@ class App:
             await self.gallery.close()
         self.sampling.close()
         await self.embedding.close()
+        self.metrics.close()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
+
+
+def _transport(settings: Settings) -> str:
+    if not settings.tls_certificate:
+        return "plaintext"
+    return "mutual TLS" if settings.tls_client_ca else "TLS"

@@ -6,12 +6,13 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ResourceExhausted, Unavailable
+from .errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ class _Job:
     rows: np.ndarray
     group: int
     future: asyncio.Future
+    deadline: float | None = None  # time.monotonic(); past it the rows are dropped unrun
     taken: int = 0  # rows handed to a batch so far
     finished: int = 0  # rows whose outputs arrived
     outputs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
@@ -42,7 +44,13 @@ class DynamicBatcher:
     batches. A failed batch fails every request that had rows in it.
     """
 
-    def __init__(self, infer: InferFn, max_batch_size: int, max_queue: int) -> None:
+    def __init__(
+        self,
+        infer: InferFn,
+        max_batch_size: int,
+        max_queue: int,
+        on_drop: Callable[[int], object] | None = None,
+    ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
         self._infer = infer
@@ -54,6 +62,8 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self.batches_run = 0
         self.rows_run = 0
+        self.rows_dropped = 0  # never run: their caller left or its deadline passed
+        self._on_drop = on_drop
 
     @property
     def queued_rows(self) -> int:
@@ -75,8 +85,12 @@ class DynamicBatcher:
                 job.future.set_exception(Unavailable("server is shutting down"))
         self._queued_rows = 0
 
-    async def submit(self, rows: np.ndarray, group: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Returns (embeddings, norms) for `rows`, in order. `group` rows stay together."""
+    async def submit(
+        self, rows: np.ndarray, group: int = 1, deadline: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (embeddings, norms) for `rows`, in order. `group` rows stay together.
+
+        Rows still queued at `deadline` (time.monotonic()) are dropped, not computed."""
         n = len(rows)
         if n == 0 or n % group or group > self.max_batch_size:
             raise ValueError(f"bad submission: {n} rows in groups of {group}")
@@ -87,7 +101,12 @@ class DynamicBatcher:
                 f"server overloaded: {self._queued_rows} images queued for the model, "
                 f"{n} more would exceed the queue limit of {self.max_queue} (max_queue)"
             )
-        job = _Job(rows=rows, group=group, future=asyncio.get_running_loop().create_future())
+        job = _Job(
+            rows=rows,
+            group=group,
+            future=asyncio.get_running_loop().create_future(),
+            deadline=deadline,
+        )
         self._queue.append(job)
         self._queued_rows += n
         self._wakeup.set()
@@ -98,13 +117,24 @@ class DynamicBatcher:
             if job in self._queue:
                 self._queue.remove(job)
                 self._queued_rows -= n - job.taken
+                self._dropped(n - job.taken)
             raise
 
     def _take_batch(self) -> list[tuple[_Job, int, int]]:
         parts: list[tuple[_Job, int, int]] = []
         room = self.max_batch_size
+        now = time.monotonic()
         while self._queue and room > 0:
             job = self._queue[0]
+            if job.taken == 0 and job.deadline is not None and now >= job.deadline:
+                self._queue.popleft()
+                self._queued_rows -= len(job.rows)
+                self._dropped(len(job.rows))
+                if not job.future.done():
+                    job.future.set_exception(
+                        DeadlineExceeded("deadline exceeded while queued for the model")
+                    )
+                continue
             remaining = len(job.rows) - job.taken
             take = min(remaining, room)
             take -= take % job.group
@@ -152,6 +182,11 @@ class DynamicBatcher:
                     emb = np.concatenate([e for e, _ in job.outputs])
                     nrm = np.concatenate([n for _, n in job.outputs])
                     job.future.set_result((emb, nrm))
+
+    def _dropped(self, rows: int) -> None:
+        self.rows_dropped += rows
+        if self._on_drop is not None:
+            self._on_drop(rows)
 
     def _fail(self, jobs: set[_Job], exc: Exception) -> None:
         for job in jobs:

@@ -98,6 +98,44 @@ class Settings:
         metadata={"help": "detection runs on photos downscaled to this long side, pixels"},
     )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
+    log_format: str = field(
+        default="json",
+        metadata={"help": "json (one object per line, one line per request) or text"},
+    )
+    max_stream_requests: int = field(
+        default=1_000_000,
+        metadata={"help": "requests accepted on one EmbedStream/EnrollStream/Import stream"},
+    )
+    tls_certificate: str = field(
+        default="", metadata={"help": "TLS: PEM certificate chain of this server ('' = no TLS)"}
+    )
+    tls_private_key: str = field(default="", metadata={"help": "TLS: PEM private key"})
+    tls_client_ca: str = field(
+        default="",
+        metadata={"help": "mTLS: PEM CA bundle; clients must present a certificate it signed"},
+    )
+    auth_tokens_file: str = field(
+        default="",
+        metadata={
+            "help": "bearer tokens, one per line; with it (or ADAFACE_AUTH_TOKENS) every "
+            "call needs 'authorization: Bearer <token>'"
+        },
+    )
+    admin_tokens_file: str = field(
+        default="",
+        metadata={
+            "help": "admin bearer tokens, one per line (or ADAFACE_ADMIN_TOKENS); with any, "
+            "gallery writes need one of them"
+        },
+    )
+    auth_health_open: bool = field(
+        default=True, metadata={"help": "with auth on, health checks still need no token"}
+    )
+    metrics_port: int = field(
+        default=9464,
+        metadata={"help": "Prometheus /metrics HTTP port (0 picks a free one, -1 turns it off)"},
+    )
+    metrics_host: str = field(default="0.0.0.0", metadata={"help": "address /metrics binds"})
     sampling_max_identities: int = field(
         default=2_000_000, metadata={"help": "identities accepted in one Sampling.BuildEpoch"}
     )
@@ -215,6 +253,7 @@ def validate(s: Settings) -> list[str]:
         "max_stream_inflight",
         "preprocess_workers",
         "max_message_bytes",
+        "max_stream_requests",
         "sampling_max_identities",
         "sampling_max_builds",
         "sampling_knn_block",
@@ -229,6 +268,14 @@ def validate(s: Settings) -> list[str]:
         problems.append(f"--detector must be mtcnn or none, got {s.detector!r}")
     if s.detect_max_side < 48:
         problems.append(f"--detect-max-side must be >= 48, got {s.detect_max_side}")
+    if s.log_format not in ("json", "text"):
+        problems.append(f"--log-format must be json or text, got {s.log_format!r}")
+    if s.metrics_port < -1 or s.metrics_port > 65535:
+        problems.append(f"--metrics-port must be -1..65535, got {s.metrics_port}")
+    if bool(s.tls_certificate) != bool(s.tls_private_key):
+        problems.append("--tls-certificate and --tls-private-key go together")
+    if s.tls_client_ca and not s.tls_certificate:
+        problems.append("--tls-client-ca (mutual TLS) needs --tls-certificate/--tls-private-key")
     problems.extend(validate_gallery(s))
     problems.extend(validate_triton(s))
     for name in ("threads", "max_batch_size"):

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import __version__
+from . import __version__, request_context
 from .backends.base import Backend
 from .batching import DynamicBatcher
 from .config import Settings
 from .errors import (
+    DeadlineExceeded,
     InvalidArgument,
     ResourceExhausted,
     ServiceError,
@@ -22,6 +24,7 @@ from .errors import (
     Unimplemented,
 )
 from .fusion import fuse_flip_pairs
+from .metrics import Metrics
 from .preprocess.decode import DecodeLimits, ImageRejected
 from .preprocess.detect import MTCNN, DetectParams, Face
 from .preprocess.pipeline import (
@@ -78,9 +81,12 @@ class ModelInfo:
 class EmbeddingService:
     """Owns the backend, the batcher and the preprocessing threads."""
 
-    def __init__(self, settings: Settings, backend: Backend) -> None:
+    def __init__(
+        self, settings: Settings, backend: Backend, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.backend = backend
+        self.metrics = metrics or Metrics()
         self.limits = DecodeLimits(settings.max_image_bytes, settings.max_image_pixels)
         self._preprocess = ThreadPoolExecutor(
             max_workers=settings.preprocess_workers, thread_name_prefix="preprocess"
@@ -127,7 +133,10 @@ class EmbeddingService:
                 )
         if self.backend.needs_batching:
             self._batcher = DynamicBatcher(
-                self.backend.infer, self.backend.max_batch_size, self.settings.max_queue
+                self._timed_infer,
+                self.backend.max_batch_size,
+                self.settings.max_queue,
+                on_drop=self.metrics.rows_dropped.inc,
             )
             self._batcher.start()
         self._ready = True
@@ -218,8 +227,7 @@ class EmbeddingService:
                 if item.mode is AlignMode.DETECT:
                     raise self._no_detector(f"images[{i}].alignment")
         params = detect or DetectParams()
-        loop = asyncio.get_running_loop()
-        crops = await loop.run_in_executor(self._preprocess, self._crops, items, params)
+        crops = await self._crops_of(items, params)
         # One model batch holds every crop: single crops and each detected face.
         rows: list[tuple[int, FaceCrop | None]] = []
         arrays: list[np.ndarray] = []
@@ -235,7 +243,9 @@ class EmbeddingService:
                     arrays.append(face.crop)
         if not rows:
             return outcomes
-        batch = await loop.run_in_executor(self._preprocess, to_model_input, arrays, flip)
+        batch = await asyncio.get_running_loop().run_in_executor(
+            self._preprocess, to_model_input, arrays, flip
+        )
         embeddings, norms = await self._infer(batch, group=2 if flip else 1)
         if flip:
             embeddings, norms = fuse_flip_pairs(embeddings, norms)
@@ -263,8 +273,7 @@ class EmbeddingService:
         if self.detector is None:
             raise self._no_detector("Detect")
         self._check_count(items)
-        loop = asyncio.get_running_loop()
-        crops = await loop.run_in_executor(self._preprocess, self._crops, items, params)
+        crops = await self._crops_of(items, params)
         outcomes = []
         for c in crops:
             if isinstance(c, ImageOutcome):
@@ -280,11 +289,27 @@ class EmbeddingService:
             outcomes.append(ImageOutcome(faces=found))
         return outcomes
 
-    def _crops(
+    async def _crops_of(
         self, items: Sequence[ImageItem], params: DetectParams
+    ) -> list[np.ndarray | list[FaceCrop] | ImageOutcome]:
+        """Decodes, detects and aligns on the preprocessing threads; counts failures."""
+        request_context.check_deadline("preprocessing")
+        crops = await asyncio.get_running_loop().run_in_executor(
+            self._preprocess, self._crops, items, params, request_context.deadline()
+        )
+        for c in crops:
+            if isinstance(c, ImageOutcome) and c.error_reason:
+                self.metrics.image_failures.labels(c.error_reason).inc()
+        return crops
+
+    def _crops(
+        self, items: Sequence[ImageItem], params: DetectParams, deadline: float | None = None
     ) -> list[np.ndarray | list[FaceCrop] | ImageOutcome]:
         crops: list[np.ndarray | list[FaceCrop] | ImageOutcome] = []
         for i, item in enumerate(items):
+            if deadline is not None and time.monotonic() >= deadline:
+                # Runs in a worker thread: the caller has gone; stop spending CPU on it.
+                raise DeadlineExceeded(f"deadline exceeded while preprocessing images[{i}]")
             try:
                 if item.mode is AlignMode.DETECT:
                     assert self.detector is not None
@@ -297,9 +322,18 @@ class EmbeddingService:
                 )
         return crops
 
+    async def _timed_infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        started = time.perf_counter()
+        result = await self.backend.infer(batch)
+        self.metrics.inference.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(batch))
+        return result
+
     async def _infer(self, batch: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+        request_context.check_deadline("inference")
         if self._batcher is not None:
-            return await self._batcher.submit(batch, group=group)
+            deadline = request_context.deadline()
+            return await self._batcher.submit(batch, group=group, deadline=deadline)
         # Backends that batch on their side get concurrent chunks, no added delay.
         rows = len(batch)
         if self._inflight_rows and self._inflight_rows + rows > self.settings.max_queue:
@@ -312,7 +346,7 @@ class EmbeddingService:
         chunks = [batch[i : i + step] for i in range(0, rows, step)]
         self._inflight_rows += rows
         try:
-            results = await asyncio.gather(*(self.backend.infer(c) for c in chunks))
+            results = await asyncio.gather(*(self._timed_infer(c) for c in chunks))
         finally:
             self._inflight_rows -= rows
         return np.concatenate([e for e, _ in results]), np.concatenate([n for _, n in results])

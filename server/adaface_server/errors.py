@@ -45,6 +45,10 @@ class PermissionDenied(ServiceError):
     status = "PERMISSION_DENIED"
 
 
+class DeadlineExceeded(ServiceError):
+    status = "DEADLINE_EXCEEDED"
+
+
 class Internal(ServiceError):
     status = "INTERNAL"
 

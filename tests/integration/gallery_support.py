@@ -90,6 +90,8 @@ def start_server_process(
                 "1",
                 "--gallery-path",
                 str(gallery_path),
+                "--metrics-port",
+                "0",
             ],
             cwd=REPO,
             env=env,

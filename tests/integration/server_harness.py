@@ -78,5 +78,7 @@ def server_settings(repository: Path, model: str, **overrides: object) -> Settin
         grace_seconds=5.0,
         # Absolute, so tests pass from any working directory (make venv fetches them).
         mtcnn_weights=MTCNN_WEIGHTS,
+        metrics_port=0,  # a free port each: servers in one test run never collide
+        log_format="text",
     )
     return base.replace(**overrides)

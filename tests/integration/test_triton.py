@@ -178,7 +178,10 @@ def test_concurrent_requests_are_batched_by_triton(both_servers, triton):
             ]
             futures = [stub.Embed.future(r, timeout=60) for r in requests]
             assert all(len(f.result().results) == 1 for f in futures)
-        after = counts()
+        # Triton updates its statistics just after answering: wait for the 24 to land.
+        deadline = time.monotonic() + 10
+        while (after := counts())[0] - before[0] < 24 and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         client.close()
     assert after[0] - before[0] == 24

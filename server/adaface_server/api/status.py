@@ -31,7 +31,10 @@ def unary_errors(
             return await method(self, request, context)
         except ServiceError as exc:
             # Errors may carry structured details (e.g. per-image results) for the caller.
-            trailing = getattr(exc, "trailing_metadata", ())
+            # abort() replaces trailing metadata already set (the request id): keep it.
+            trailing = tuple(getattr(exc, "trailing_metadata", ()))
+            if trailing:
+                trailing = tuple(context.trailing_metadata() or ()) + trailing
             await context.abort(status_code(exc), str(exc), trailing_metadata=trailing)
         except Exception:
             log.exception("unhandled error in %s", method.__qualname__)

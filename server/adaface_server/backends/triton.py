@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 
 from ..config import Settings
-from ..errors import FailedPrecondition, Internal, ResourceExhausted, Unavailable
+from ..errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    ResourceExhausted,
+    Unavailable,
+)
 from ..models.repository import (
     EMBEDDING_DIM,
     EMBEDDING_NAME,
@@ -38,6 +44,7 @@ from ..models.repository import (
     ModelSpec,
     load_model_spec,
 )
+from ..request_context import time_left
 from .base import effective_max_batch_size
 
 log = logging.getLogger(__name__)
@@ -104,15 +111,22 @@ class TritonBackend:
         spec = self.spec
         tensor = InferInput(spec.input_name, list(batch.shape), "FP32")
         tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        # Never wait on Triton past the deadline of the caller these rows belong to.
+        limit = self._settings.triton_timeout_seconds
+        timeout = time_left(limit)
+        if timeout <= 0:
+            raise DeadlineExceeded("deadline exceeded before inference on Triton")
         try:
             result = await self._client.infer(
                 spec.name,
                 [tensor],
                 model_version=self._version,
                 outputs=self._outputs,
-                client_timeout=self._settings.triton_timeout_seconds,
+                client_timeout=timeout,
             )
         except InferenceServerException as exc:
+            if timeout < limit and exc.status() == "StatusCode.DEADLINE_EXCEEDED":
+                raise DeadlineExceeded("deadline exceeded waiting for Triton") from None
             raise self._translate(exc, len(batch)) from None
         embeddings = result.as_numpy(spec.embedding_name)
         norms = result.as_numpy(spec.norm_name)

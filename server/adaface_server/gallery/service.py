@@ -35,7 +35,7 @@ from .transfer import TransferGallery, TransferIdentity, export_stream, parse_na
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_IDENTITY_CHARS = 256
 MAX_METADATA_BYTES = 16384
 MAX_TOP_K = 1000
@@ -230,6 +230,10 @@ class GalleryService:
         self._ready = False
         await asyncio.get_running_loop().run_in_executor(None, self.store.close)
         self._reads.shutdown(wait=False, cancel_futures=True)
+
+    def sizes(self) -> list[tuple[str, int, int]]:
+        """(gallery, identities, samples) for each gallery; safe to call from any thread."""
+        return [(name, g.identities, g.samples) for name, g in list(self._galleries.items())]
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -726,7 +730,8 @@ class GalleryService:
 
 
 def check_name(name: str, field_name: str) -> None:
-    if not NAME_RE.match(name):
+    # fullmatch: `$` in a match() pattern also accepts a trailing newline ("a\n").
+    if not NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"{field_name}: gallery names are 1..128 characters of [A-Za-z0-9._-] starting "
             f"with a letter or digit, got {name!r}"

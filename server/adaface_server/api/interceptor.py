@@ -1,0 +1,335 @@
+"""What every RPC goes through before and after its servicer: one server interceptor.
+
+In order, for each call:
+  1. a request id is taken from metadata `x-request-id` (or made up) and set as trailing
+     metadata, so every answer, errors included, carries it;
+  2. the bearer token is checked (when tokens are configured);
+  3. the request body is checked: over `max_message_bytes` or not a valid protobuf of the
+     RPC's request type is INVALID_ARGUMENT naming the limit or the type, instead of gRPC's
+     generic answers; a request stream longer than `max_stream_requests` is cut off likewise;
+  4. the servicer runs with the request id and deadline in context variables;
+  5. the outcome is counted (Prometheus) and logged as one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from ..config import Settings
+from ..errors import InvalidArgument, PermissionDenied, ServiceError, Unauthenticated
+from ..logs import ACCESS_LOGGER
+from ..metrics import Metrics
+from ..request_context import Call, current_call
+from ..security import Caller, Role, TokenSet
+from .status import status_code
+
+log = logging.getLogger(__name__)
+access = logging.getLogger(ACCESS_LOGGER)
+
+REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+HEALTH_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+#: Calls that change a gallery: with admin tokens configured, only they may make them.
+ADMIN_METHODS = frozenset(
+    "/adaface.v1.Gallery/" + name
+    for name in (
+        "CreateGallery",
+        "DeleteGallery",
+        "Enroll",
+        "EnrollStream",
+        "RemoveSamples",
+        "RemoveIdentity",
+        "Import",
+    )
+)
+# Fields whose length is "images" in the request log line.
+_COUNTED_FIELDS = ("images", "samples", "probes")
+
+
+class _Malformed:
+    """Stands in for a request body that failed our checks; the behaviour reports it."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+@dataclass
+class _Tally:
+    images: int = 0
+    messages: int = 0
+
+
+def _count_images(message: Any) -> int:
+    for name in _COUNTED_FIELDS:
+        if name in message.DESCRIPTOR.fields_by_name:
+            return len(getattr(message, name))
+    return 0
+
+
+def _request_id(metadata: tuple) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
+
+
+def _bearer(metadata: tuple) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return None
+
+
+class RequestInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, settings: Settings, tokens: TokenSet, metrics: Metrics) -> None:
+        self._settings = settings
+        self._tokens = tokens
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler  # unknown method: gRPC answers UNIMPLEMENTED
+        method = details.method
+        deserialize = self._deserializer(handler.request_deserializer, method)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, method),
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(handler.unary_stream, method, False),
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary, method, request_stream=True),
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._streaming(handler.stream_stream, method, True),
+            request_deserializer=deserialize,
+            response_serializer=handler.response_serializer,
+        )
+
+    # -- request bodies ----------------------------------------------------------------
+
+    def _deserializer(self, inner: Callable[[bytes], Any] | None, method: str):
+        if inner is None:
+            return None
+        limit = self._settings.max_message_bytes
+        type_name = _request_type_name(inner)
+
+        def deserialize(data: bytes) -> Any:
+            if len(data) > limit:
+                return _Malformed(
+                    f"request is {len(data)} bytes, over the limit of {limit} "
+                    "(max_message_bytes); split it into smaller requests"
+                )
+            try:
+                return inner(data)
+            except Exception as exc:  # DecodeError, or anything a broken body provokes
+                return _Malformed(f"request is not a valid {type_name} message: {exc}")
+
+        return deserialize
+
+    async def _checked_stream(
+        self, requests: AsyncIterator[Any], tally: _Tally
+    ) -> AsyncIterator[Any]:
+        limit = self._settings.max_stream_requests
+        async for request in requests:
+            if isinstance(request, _Malformed):
+                raise InvalidArgument(f"stream message {tally.messages}: {request.message}")
+            tally.messages += 1
+            if tally.messages > limit:
+                raise InvalidArgument(
+                    f"stream has more than {limit} requests (max_stream_requests); "
+                    "open a new stream for the rest"
+                )
+            tally.images += _count_images(request)
+            yield request
+
+    # -- per-call set-up and accounting -------------------------------------------------
+
+    def _begin(self, method: str, context: grpc.aio.ServicerContext) -> Call:
+        metadata = context.invocation_metadata()
+        call = Call(
+            method=method,
+            request_id=_request_id(metadata),
+            started=time.monotonic(),
+            deadline=_deadline(context),
+        )
+        context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+        current_call.set(call)
+        self._metrics.in_flight.inc()
+        return call
+
+    def _authorize(self, method: str, context: grpc.aio.ServicerContext, call: Call) -> None:
+        if not self._tokens.enabled:
+            return
+        if method in HEALTH_METHODS and self._settings.auth_health_open:
+            return
+        token = _bearer(context.invocation_metadata())
+        if not token:
+            raise Unauthenticated(
+                "missing credentials: send metadata 'authorization: Bearer <token>'"
+                if token is None
+                else "malformed credentials: expected 'authorization: Bearer <token>'"
+            )
+        caller: Caller | None = self._tokens.check(token)
+        if caller is None:
+            raise Unauthenticated("invalid bearer token")
+        call.caller = caller.name
+        if method in ADMIN_METHODS and self._tokens.admin_required and caller.role < Role.ADMIN:
+            raise PermissionDenied(f"{_short(method)} changes a gallery and needs an admin token")
+
+    def _finish(
+        self, call: Call, context: grpc.aio.ServicerContext, code: grpc.StatusCode, tally: _Tally
+    ) -> None:
+        seconds = time.monotonic() - call.started
+        name = _short(call.method)
+        self._metrics.in_flight.dec()
+        self._metrics.requests.labels(name, code.name).inc()
+        self._metrics.latency.labels(name).observe(seconds)
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            self._metrics.expired.labels(name).inc()
+        fields = {
+            "rpc": name,
+            "status": code.name,
+            "images": tally.images,
+            "duration_ms": round(seconds * 1000, 2),
+            "request_id": call.request_id,
+            "peer": context.peer(),
+        }
+        if call.caller:
+            fields["caller"] = call.caller
+        if tally.messages > 1:
+            fields["messages"] = tally.messages
+        if code is not grpc.StatusCode.OK:
+            fields["error"] = context.details() or ""
+        level = logging.DEBUG if call.method in HEALTH_METHODS else logging.INFO
+        access.log(level, "%s %s", name, code.name, extra={"fields": fields})
+
+    # -- behaviours --------------------------------------------------------------------
+
+    def _unary(self, behaviour, method: str, request_stream: bool = False):
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = self._begin(method, context)
+            tally = _Tally()
+            code = grpc.StatusCode.OK
+            try:
+                self._authorize(method, context, call)
+                if request_stream:
+                    request = self._checked_stream(request, tally)
+                else:
+                    _check_body(request, tally)
+                return await behaviour(request, context)
+            except ServiceError as exc:
+                code = status_code(exc)
+                await context.abort(code, str(exc))
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                code = _cancelled_code(call)
+                raise
+            except Exception:
+                log.exception("unhandled error in %s", method)
+                code = grpc.StatusCode.INTERNAL
+                await context.abort(code, "internal error")
+            finally:
+                self._finish(call, context, _final_code(context, code), tally)
+
+        return run
+
+    def _streaming(self, behaviour, method: str, request_stream: bool):
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = self._begin(method, context)
+            tally = _Tally()
+            code = grpc.StatusCode.OK
+            try:
+                self._authorize(method, context, call)
+                if request_stream:
+                    request = self._checked_stream(request, tally)
+                else:
+                    _check_body(request, tally)
+                responses = behaviour(request, context)
+                if inspect.isasyncgen(responses):
+                    async for response in responses:
+                        yield response
+                else:  # a coroutine writing with context.write (e.g. Health/Watch)
+                    await responses
+            except ServiceError as exc:
+                code = status_code(exc)
+                await context.abort(code, str(exc))
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = _cancelled_code(call)
+                raise
+            except Exception:
+                log.exception("unhandled error in %s", method)
+                code = grpc.StatusCode.INTERNAL
+                await context.abort(code, "internal error")
+            finally:
+                self._finish(call, context, _final_code(context, code), tally)
+
+        return run
+
+
+def _check_body(request: Any, tally: _Tally) -> None:
+    if isinstance(request, _Malformed):
+        raise InvalidArgument(request.message)
+    tally.messages = 1
+    tally.images = _count_images(request)
+
+
+def _final_code(context: grpc.aio.ServicerContext, code: grpc.StatusCode) -> grpc.StatusCode:
+    # A servicer may set a status without raising (set_code); that one is the answer.
+    if code is grpc.StatusCode.OK:
+        return context.code() or code
+    return code
+
+
+def _cancelled_code(call: Call) -> grpc.StatusCode:
+    if call.deadline is not None and time.monotonic() >= call.deadline:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _short(method: str) -> str:
+    """'/adaface.v1.Embedder/Embed' -> 'Embedder/Embed'."""
+    service, _, name = method.rpartition("/")
+    return f"{service.rsplit('.', 1)[-1]}/{name}"
+
+
+def _request_type_name(deserializer: Callable[[bytes], Any]) -> str:
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return descriptor.full_name if descriptor is not None else "request"
