@@ -1,4 +1,7 @@
-"""adaface_client: Embedder clients (sync and asyncio), typed errors and AdaFace helpers."""
+"""adaface_client: Embedder clients (sync and asyncio), typed errors and AdaFace helpers.
+
+TLS: pass credentials=tls_credentials(ca, certificate, private_key) to any client; a bearer
+token: token="..."; use_request_id("...") tags the calls made inside it."""
 
 from adaface_client.client import (
     AdafaceError,
@@ -35,6 +38,7 @@ from adaface_client.gallery import (
     ProbeResult,
     VerifyResult,
 )
+from adaface_client.transport import read_token_file, tls_credentials, use_request_id
 from adaface_client.utils import fuse_features_with_norm, l2_norm
 
 __all__ = [
@@ -75,6 +79,9 @@ __all__ = [
     "fuse_features_with_norm",
     "l2_norm",
     "make_image_input",
+    "read_token_file",
+    "tls_credentials",
+    "use_request_id",
 ]
 
 # The samplers are torch Samplers: loaded on first use so plain embedding never imports torch.

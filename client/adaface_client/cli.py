@@ -18,7 +18,15 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from adaface_client.client import AdafaceError, Client, DetectionOptions, ImageResult
+from adaface_client.client import (
+    AdafaceError,
+    Client,
+    DetectionOptions,
+    ImageResult,
+    PermissionDenied,
+    Unauthenticated,
+)
+from adaface_client.transport import TOKEN_ENV, check_token, read_token_file, tls_credentials
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 OUTPUT_SUFFIXES = (".npz", ".pt")
@@ -82,6 +90,85 @@ def _clock(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+class _RefuseTokenValue(argparse.Action):
+    """--token VALUE would put the secret in process lists and shell history: refused, and
+    the value is not repeated in the message."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        parser.error(
+            f"{option_string} is not accepted (a token on the command line is visible to "
+            f"other users): put it in a file for --token-file, or in ${TOKEN_ENV}"
+        )
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    """The TLS and bearer-token flags every client CLI shares (see connection_options)."""
+    g = p.add_argument_group(
+        "security",
+        f"TLS and the bearer token. The token comes from --token-file, else ${TOKEN_ENV}; "
+        "it is never printed.",
+    )
+    g.add_argument("--token-file", type=Path, metavar="PATH", help="file holding the bearer token")
+    # Declared so that "--token" is not taken as an abbreviation of --token-file.
+    g.add_argument("--token", action=_RefuseTokenValue, help=argparse.SUPPRESS)
+    g.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS, trusting the system's CA roots (implied by --tls-ca/--tls-cert)",
+    )
+    g.add_argument(
+        "--tls-ca", type=Path, metavar="PEM", help="CA bundle that signed the server's certificate"
+    )
+    g.add_argument(
+        "--tls-cert", type=Path, metavar="PEM", help="client certificate, for mutual TLS"
+    )
+    g.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key (--tls-cert)")
+
+
+def connection_options(
+    args: argparse.Namespace, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Client keyword arguments (credentials, token) from add_connection_args' flags and
+    $ADAFACE_TOKEN; UsageError for unusable ones. Messages name files, never the token."""
+    env = os.environ if env is None else env  # type: ignore[assignment]
+    token = None
+    if args.token_file is not None:
+        try:
+            token = read_token_file(args.token_file)
+        except OSError as e:
+            raise UsageError(
+                f"--token-file: cannot read {args.token_file}: {e.strerror or e}"
+            ) from None
+        except ValueError as e:
+            raise UsageError(f"--token-file: {e}") from None
+    elif env.get(TOKEN_ENV, "").strip():
+        try:
+            token = check_token(env[TOKEN_ENV].strip())
+        except ValueError as e:
+            raise UsageError(f"${TOKEN_ENV}: {e}") from None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together (mutual TLS)")
+    credentials = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        try:
+            credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+        except OSError as e:
+            raise UsageError(f"TLS: cannot read {e.filename}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise UsageError(f"TLS: {e}") from None
+    return {"credentials": credentials, "token": token}
+
+
+def describe_rpc_failure(server: str, error: AdafaceError) -> str:
+    """A one-line reason for a failed call, worded for the usual cause of its code."""
+    if isinstance(error, Unauthenticated):
+        hint = f"check --token-file / ${TOKEN_ENV}"
+        return f"server {server} did not accept the credentials ({hint}): {error}"
+    if isinstance(error, PermissionDenied):
+        return f"server {server} refused this call for the given token: {error}"
+    return f"cannot reach server {server}: {error}"
 
 
 def find_images(root: Path) -> list[str]:
@@ -194,6 +281,7 @@ def _parser() -> argparse.ArgumentParser:
     bar.add_argument(
         "--progress", action="store_true", help="progress bar even when stderr is not a TTY"
     )
+    add_connection_args(p)
     return p
 
 
@@ -250,6 +338,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.timeout > 0:
         raise UsageError("--timeout must be > 0")
     landmarks = load_landmarks(args.landmarks) if args.landmarks else {}
+    connection = connection_options(args)
 
     paths = find_images(root)
     if not paths:
@@ -302,11 +391,12 @@ def _run(args: argparse.Namespace) -> int:
             max_in_flight=args.concurrency,
             flip=args.flip,
             batch_size=args.batch_size,
+            **connection,
         ) as client:
             try:
                 info = client.info()
             except AdafaceError as e:
-                raise UsageError(f"cannot reach server {args.server}: {e}") from None
+                raise UsageError(describe_rpc_failure(args.server, e)) from None
             if info.untrained:
                 print(
                     f"adaface-embed: warning: model {info.model_name} has untrained weights: "

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 import grpc
-import grpc.aio
 import numpy as np
 
 from adaface.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc
+from adaface_client.transport import open_aio_channel, open_channel, request_id_of
 
 __all__ = [
     "AdafaceError",
@@ -76,12 +76,18 @@ _CHANNEL_OPTIONS = (
 
 
 class AdafaceError(Exception):
-    """An RPC failed as a whole; `code` is the grpc.StatusCode, `details` the server's text."""
+    """An RPC failed as a whole; `code` is the grpc.StatusCode, `details` the server's text,
+    `request_id` the server's x-request-id for the call ('' when none came back): quote it
+    when reporting a problem, the server's log lines carry it too."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
+    def __init__(self, code: grpc.StatusCode, details: str, request_id: str = "") -> None:
+        message = f"{code.name}: {details}"
+        if request_id:
+            message += f" (request id {request_id})"
+        super().__init__(message)
         self.code = code
         self.details = details
+        self.request_id = request_id
 
 
 class InvalidArgument(AdafaceError):
@@ -144,12 +150,14 @@ _ERROR_BY_CODE: dict[grpc.StatusCode, type[AdafaceError]] = {
 
 
 def from_rpc_error(error: grpc.RpcError) -> AdafaceError:
-    """The typed AdafaceError for a grpc.RpcError (sync or aio); unknown codes give the base."""
+    """The typed AdafaceError for a grpc.RpcError (sync or aio); unknown codes give the base.
+
+    Its request_id is the x-request-id of the error's trailing metadata."""
     code = error.code() if callable(getattr(error, "code", None)) else None
     if not isinstance(code, grpc.StatusCode):
         code = grpc.StatusCode.UNKNOWN
     details = error.details() if callable(getattr(error, "details", None)) else None
-    return _ERROR_BY_CODE.get(code, AdafaceError)(code, details or "")
+    return _ERROR_BY_CODE.get(code, AdafaceError)(code, details or "", request_id_of(error))
 
 
 # --------------------------------------------------------------------------------------
@@ -676,15 +684,13 @@ class _SyncChannel:
         retries: int,
         backoff: float,
         credentials: grpc.ChannelCredentials | None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+        self._channel = open_channel(target, credentials, token, _CHANNEL_OPTIONS)
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -701,8 +707,11 @@ class Client(_SyncChannel):
     """Blocking Embedder client: chunks to the server's limits, pipelines requests, retries.
 
     Retries UNAVAILABLE and RESOURCE_EXHAUSTED up to `retries` times with exponential backoff
-    and jitter; other failures raise a typed AdafaceError at once. `timeout` bounds each
-    attempt. `batch_size` caps images per request below the server's limit.
+    and jitter; other failures (Unauthenticated, PermissionDenied, ...) raise a typed
+    AdafaceError at once. `timeout` bounds each attempt. `batch_size` caps images per request
+    below the server's limit. `credentials`: e.g. tls_credentials(ca, certificate,
+    private_key) for TLS (default: plaintext); `token`: sent as `authorization: Bearer
+    <token>` on every call. Every call also carries an `x-request-id` (see use_request_id).
     """
 
     def __init__(
@@ -716,9 +725,10 @@ class Client(_SyncChannel):
         flip: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
         batch_size: int | None = None,
+        token: str | None = None,
     ) -> None:
         _check_args(timeout, max_in_flight, retries, backoff)
-        super().__init__(target, timeout, retries, backoff, credentials)
+        super().__init__(target, timeout, retries, backoff, credentials, token)
         self.max_in_flight = max_in_flight
         self.flip = flip
         self.batch_size = batch_size
@@ -887,7 +897,7 @@ class AsyncClient:
     """asyncio twin of Client on grpc.aio; all calls are coroutines.
 
     At most `max_in_flight` Embed calls are outstanding per client (a semaphore shared by
-    concurrent embed() calls).
+    concurrent embed() calls). `credentials` and `token` as for Client.
     """
 
     def __init__(
@@ -901,6 +911,7 @@ class AsyncClient:
         flip: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
         batch_size: int | None = None,
+        token: str | None = None,
     ) -> None:
         _check_args(timeout, max_in_flight, retries, backoff)
         self.target = target
@@ -910,10 +921,7 @@ class AsyncClient:
         self.backoff = backoff
         self.flip = flip
         self.batch_size = batch_size
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+        self._channel = open_aio_channel(target, credentials, token, _CHANNEL_OPTIONS)
         self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
         self._info: ServerInfo | None = None
         # Created lazily: asyncio primitives bind to the loop they are first used on.

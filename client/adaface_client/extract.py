@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from adaface_client.cli import Progress
@@ -136,6 +137,8 @@ class Extractor:
     RESOURCE_EXHAUSTED per request; a chunk that still fails that way (a server restart, a
     timeout) is retried whole up to `retries` more times. `progress`: True for a stderr
     progress bar, False for none, or a callable given the rows committed each time.
+    `credentials` and `token` (TLS and a bearer token, as for Client) apply when `target`
+    is an address; a ready Client is used as it is.
     """
 
     def __init__(
@@ -150,6 +153,8 @@ class Extractor:
         backoff: float = 0.5,
         timeout: float = 60.0,
         progress: bool | Callable[[int], object] = True,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
@@ -157,7 +162,14 @@ class Extractor:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self._own_client = not isinstance(target, Client)
         self.client = (
-            Client(target, max_in_flight=max_in_flight, timeout=timeout, flip=flip)
+            Client(
+                target,
+                max_in_flight=max_in_flight,
+                timeout=timeout,
+                flip=flip,
+                credentials=credentials,
+                token=token,
+            )
             if isinstance(target, str)
             else target
         )

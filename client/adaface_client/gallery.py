@@ -25,6 +25,7 @@ from .client import (
     from_rpc_error,
     make_image_input,
 )
+from .transport import REQUEST_ID_KEY, current_request_id
 
 __all__ = [
     "EnrollResult",
@@ -249,7 +250,8 @@ def _enum(table: Mapping[str, int], value: str, what: str) -> int:
 class GalleryClient(_SyncChannel):
     """Blocking Gallery client. Retries UNAVAILABLE/RESOURCE_EXHAUSTED (e.g. while the
     server loads) with backoff; other failures raise typed AdafaceErrors (NotFound,
-    AlreadyExists, FailedPrecondition, InvalidArgument, ...)."""
+    AlreadyExists, FailedPrecondition, InvalidArgument, Unauthenticated, PermissionDenied
+    for a write without an admin token, ...). `credentials` and `token` as for Client."""
 
     def __init__(
         self,
@@ -259,9 +261,10 @@ class GalleryClient(_SyncChannel):
         retries: int = 4,
         backoff: float = 0.2,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         _check_args(timeout, 1, retries, backoff)
-        super().__init__(target, timeout, retries, backoff, credentials)
+        super().__init__(target, timeout, retries, backoff, credentials, token)
         self._stub = gallery_pb2_grpc.GalleryStub(self._channel)
 
     def __enter__(self) -> GalleryClient:
@@ -391,14 +394,16 @@ class GalleryClient(_SyncChannel):
 
         producer = threading.Thread(target=produce, daemon=True)
         producer.start()
-        stream = self._stub.EnrollStream(request_iter())
+        # Chosen here so the per-enrollment errors can name the stream's request id.
+        stream_id = current_request_id() or uuid.uuid4().hex
+        stream = self._stub.EnrollStream(request_iter(), metadata=((REQUEST_ID_KEY, stream_id),))
         try:
             for response in stream:
                 slots.release()
                 pending.pop(response.request_id, None)
                 if response.HasField("error"):
                     code = _status_code(response.error.code)
-                    error = from_rpc_error(_StreamRpcError(code, response.error.message))
+                    error = from_rpc_error(_StreamRpcError(code, response.error.message, stream_id))
                     error.identity = response.identity  # type: ignore[attr-defined]
                     yield error
                 else:
@@ -566,10 +571,14 @@ class GalleryClient(_SyncChannel):
 class _StreamRpcError(grpc.RpcError):
     """An EnrollStream per-message error shaped like an RpcError for from_rpc_error."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, request_id: str = "") -> None:
         super().__init__(details)
         self._code = code
         self._details = details
+        self._request_id = request_id
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((REQUEST_ID_KEY, self._request_id),) if self._request_id else ()
 
     def code(self) -> grpc.StatusCode:
         return self._code

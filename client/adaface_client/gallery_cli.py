@@ -11,8 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from adaface_client.cli import IMAGE_SUFFIXES, find_images
-from adaface_client.client import AdafaceError
+from adaface_client.cli import (
+    IMAGE_SUFFIXES,
+    UsageError,
+    add_connection_args,
+    connection_options,
+    describe_rpc_failure,
+    find_images,
+)
+from adaface_client.client import AdafaceError, PermissionDenied, Unauthenticated
 from adaface_client.gallery import EnrollResult, GalleryClient, GalleryInfo, IdentityRef
 
 EXIT_OK = 0
@@ -21,14 +28,11 @@ EXIT_ERROR = 2
 PROG = "adaface-gallery"
 
 
-class UsageError(Exception):
-    """A problem with the command line or its inputs (exit code 2)."""
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--server", default="localhost:50051", help="host:port of the server")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per call")
+    add_connection_args(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("create", help="create an empty gallery pinned to the served model")
@@ -93,10 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     args = _parser().parse_args(argv)
     try:
-        with GalleryClient(args.server, timeout=args.timeout) as client:
+        connection = connection_options(args)
+        with GalleryClient(args.server, timeout=args.timeout, **connection) as client:
             return COMMANDS[args.command](client, args)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except (Unauthenticated, PermissionDenied) as e:
+        print(f"{PROG}: {describe_rpc_failure(args.server, e)}", file=sys.stderr)
         return EXIT_ERROR
     except AdafaceError as e:
         print(f"{PROG}: {e}", file=sys.stderr)

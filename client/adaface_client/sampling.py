@@ -27,6 +27,7 @@ from adaface_client.client import (
     from_rpc_error,
     make_image_input,
 )
+from adaface_client.transport import open_channel
 
 __all__ = ["EpochIndex", "GraphSampler", "RandomIdentitySampler", "build_epoch"]
 
@@ -69,12 +70,14 @@ def build_epoch(
     retries: int = 4,
     backoff: float = 0.5,
     credentials: grpc.ChannelCredentials | None = None,
+    token: str | None = None,
 ) -> EpochIndex:
     """Calls Sampling.BuildEpoch once (retrying UNAVAILABLE / RESOURCE_EXHAUSTED).
 
     `prototypes` is either an [N, D] float array (one vector per identity) or a sequence of
     N ImageInput messages or zero-argument callables returning one (read lazily as the
-    request streams). Raises a typed adaface_client.AdafaceError on failure.
+    request streams). `credentials` (e.g. tls_credentials(...)) and `token` (a bearer
+    token) as for Client. Raises a typed adaface_client.AdafaceError on failure.
     """
     counts = np.asarray(counts, dtype=np.int64)
     n = counts.size
@@ -114,10 +117,7 @@ def build_epoch(
             yield message
 
     for attempt in itertools.count():
-        if credentials is None:
-            channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
-        else:
-            channel = grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+        channel = open_channel(target, credentials, token, _CHANNEL_OPTIONS)
         try:
             with channel:
                 stub = sampling_pb2_grpc.SamplingStub(channel)
@@ -186,7 +186,7 @@ class GraphSampler(torch.utils.data.Sampler[int]):
     at ``os.path.join(img_path, path)`` embedded by the served model, or, when `features` is
     given, ``features(dataset_indices) -> [N, D]`` array or tensor (e.g. from the model being
     trained, as in the seed). Each identity's samples are read by a circular pointer that
-    survives epochs.
+    survives epochs. `credentials` and `token` as for Client.
 
     Randomness is explicit: prototypes come from ``np.random.default_rng([seed, epoch, 1])``
     and the server's shuffles from (seed, epoch); ``set_epoch(e)`` picks the epoch (as
@@ -210,6 +210,7 @@ class GraphSampler(torch.utils.data.Sampler[int]):
         retries: int = 4,
         credentials: grpc.ChannelCredentials | None = None,
         verbose: bool = False,
+        token: str | None = None,
     ) -> None:
         super().__init__()
         if num_instance < 1 or batch_size < 1 or batch_size % num_instance:
@@ -229,6 +230,7 @@ class GraphSampler(torch.utils.data.Sampler[int]):
         self.timeout = timeout
         self.retries = retries
         self.credentials = credentials
+        self.token = token
         self.verbose = verbose
         self.pids, self.counts, self._samples = _identities(data_source)
         self.num_pids = len(self.pids)
@@ -279,6 +281,7 @@ class GraphSampler(torch.utils.data.Sampler[int]):
             timeout=self.timeout,
             retries=self.retries,
             credentials=self.credentials,
+            token=self.token,
         )
         self.cursors = index.cursors
         self.last_index = index

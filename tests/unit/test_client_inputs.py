@@ -305,3 +305,43 @@ def test_recover_reads_per_image_results_from_trailing_metadata() -> None:
     # Without the metadata the request itself was malformed.
     with pytest.raises(InvalidArgument):
         _recover(_Job(8, msgs), _FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "images: bad"))
+
+
+def test_from_rpc_error_reads_the_request_id_from_trailing_metadata() -> None:
+    trailing = (("other", "x"), ("x-request-id", "abc123"))
+    err = from_rpc_error(_FakeRpcError(grpc.StatusCode.UNAUTHENTICATED, "invalid token", trailing))
+    assert type(err) is Unauthenticated and err.request_id == "abc123"
+    assert str(err) == "UNAUTHENTICATED: invalid token (request id abc123)"
+    plain = from_rpc_error(_FakeRpcError(grpc.StatusCode.NOT_FOUND, "gone"))
+    assert plain.request_id == "" and str(plain) == "NOT_FOUND: gone"
+
+
+def _connection(argv: list[str], env: dict[str, str]) -> dict:
+    from adaface_client.cli import _parser, connection_options
+
+    return connection_options(_parser().parse_args(["photos", *argv]), env)
+
+
+def test_cli_token_sources_and_tls_flags(tmp_path: Path, capsys) -> None:
+    from adaface_client.cli import UsageError
+
+    secret = "s3cret-" + "x" * 20
+    token_file = tmp_path / "token"
+    token_file.write_text(secret + "\n")
+    assert _connection([], {})["token"] is None
+    assert _connection([], {"ADAFACE_TOKEN": f" {secret} "})["token"] == secret
+    assert _connection(["--token-file", str(token_file)], {"ADAFACE_TOKEN": "other"}) == {
+        "credentials": None,
+        "token": secret,
+    }
+    with pytest.raises(UsageError, match="--tls-cert and --tls-key go together"):
+        _connection(["--tls-cert", str(token_file)], {})
+    with pytest.raises(UsageError, match="not a PEM file") as info:
+        _connection(["--tls-ca", str(token_file)], {})
+    assert secret not in str(info.value)
+    # --token VALUE would show in process lists: refused, and the value is not echoed.
+    with pytest.raises(SystemExit) as exit_info:
+        _connection(["--token", secret], {})
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--token-file" in err and secret not in err
