@@ -63,6 +63,8 @@ class App:
                 # the message (RESOURCE_EXHAUSTED) before reading it into memory.
                 ("grpc.max_receive_message_length", min(2 * limit, 2**31 - 1)),
                 ("grpc.max_send_message_length", limit),
+                # A second server on the same port must fail, not silently share it.
+                ("grpc.so_reuseport", 0),
             ],
         )
         embedder_pb2_grpc.add_EmbedderServicer_to_server(
@@ -87,12 +89,16 @@ class App:
 
     async def start(self) -> int:
         address = f"{self.settings.host}:{self.settings.port}"
-        if self._credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, self._credentials)
+        try:
+            if self._credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, self._credentials)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise StartupError(f"cannot bind {address}")
+            hint = " or the TLS key does not match its certificate" if self._credentials else ""
+            raise StartupError(f"cannot listen on {address}: the port is in use{hint}")
         settings = self.settings
         self.metrics_port = self.metrics.serve(settings.metrics_host, settings.metrics_port)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -110,11 +110,15 @@ def load_tokens(settings: Settings, env: Mapping[str, str] | None = None) -> Tok
     return TokenSet(users, admins)
 
 
-def _read_pem(path: str, what: str) -> bytes:
+def _read_pem(path: str, what: str, marker: bytes) -> bytes:
     try:
-        return Path(path).expanduser().read_bytes()
+        data = Path(path).expanduser().read_bytes()
     except OSError as exc:
         raise StartupError(f"cannot read the TLS {what} {path}: {exc.strerror}") from None
+    # gRPC only reports a bad PEM as a failure to bind; say which file is wrong instead.
+    if b"-----BEGIN " not in data or marker not in data:
+        raise StartupError(f"the TLS {what} {path} is not a PEM file with a {marker.decode()}")
+    return data
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -123,9 +127,11 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     With `tls_client_ca` the server demands a client certificate signed by that CA (mTLS)."""
     if not settings.tls_certificate:
         return None
-    key = _read_pem(settings.tls_private_key, "private key")
-    chain = _read_pem(settings.tls_certificate, "certificate")
-    client_ca = _read_pem(settings.tls_client_ca, "client CA") if settings.tls_client_ca else None
+    key = _read_pem(settings.tls_private_key, "private key", b"PRIVATE KEY")
+    chain = _read_pem(settings.tls_certificate, "certificate", b"CERTIFICATE")
+    client_ca = None
+    if settings.tls_client_ca:
+        client_ca = _read_pem(settings.tls_client_ca, "client CA", b"CERTIFICATE")
     return grpc.ssl_server_credentials(
         [(key, chain)],
         root_certificates=client_ca,

@@ -36,6 +36,7 @@ from adaface_client.sampling import GraphSampler, build_epoch
 from adaface_client.transport import open_channel
 
 from .gallery_support import REPO, crop, png, unit_vectors
+from .pki import make_pki
 from .server_harness import ServerThread, server_settings
 
 # Made up per run, so finding one in any output can only mean the client leaked it.
@@ -45,53 +46,9 @@ WRONG_TOKEN = "wrong-" + secrets.token_hex(12)
 SECRETS = (USER_TOKEN, ADMIN_TOKEN, WRONG_TOKEN)
 
 
-# --------------------------------------------------------------------------------------
-# A throw-away PKI, made with the openssl CLI (keys never leave tmp_path)
-
-
-def _openssl(cwd: Path, *args: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _ca(cwd: Path, name: str) -> None:
-    _openssl(
-        cwd, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-        "-nodes", "-days", "2", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-        "-out", f"{name}.pem", "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-    )  # fmt: skip
-
-
-def _leaf(cwd: Path, ca: str, name: str, extensions: str) -> None:
-    _openssl(
-        cwd, "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-        "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-    )  # fmt: skip
-    (cwd / f"{name}.ext").write_text(extensions)
-    _openssl(
-        cwd, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-        "-set_serial", f"0x{secrets.token_hex(8)}", "-days", "2", "-out", f"{name}.pem",
-        "-extfile", f"{name}.ext",
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> SimpleNamespace:
-    d = tmp_path_factory.mktemp("pki")
-    _ca(d, "ca")
-    _ca(d, "other_ca")  # trusted by nobody: its clients and servers must be refused
-    _leaf(d, "ca", "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-          "extendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n")  # fmt: skip
-    _leaf(d, "ca", "client", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n")
-    _leaf(d, "other_ca", "stranger", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n")
-    return SimpleNamespace(
-        dir=d,
-        ca=d / "ca.pem",
-        other_ca=d / "other_ca.pem",
-        server=(d / "server.pem", d / "server.key"),
-        client=(d / "client.pem", d / "client.key"),
-        stranger=(d / "stranger.pem", d / "stranger.key"),
-    )
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
