@@ -155,6 +155,8 @@ class DynamicBatcher:
                 await self._wakeup.wait()
                 continue
             parts = self._take_batch()
+            if not parts:  # everything queued had expired
+                continue
             if len(parts) == 1:
                 job, start, stop = parts[0]
                 batch = job.rows[start:stop]

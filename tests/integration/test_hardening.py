@@ -296,11 +296,14 @@ def test_expired_deadlines_drop_queued_work(ir18_repository):
             time.sleep(0.5)  # let the batcher drain what is left
             text = settled_scrape(server.app.metrics_port)
         ran = batcher.rows_run - run_before
+        ok = codes.count(grpc.StatusCode.OK)
         expired = codes.count(grpc.StatusCode.DEADLINE_EXCEEDED)
-        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
+        assert ok + expired == 48, codes
         assert expired > 0, codes
-        assert batcher.rows_dropped > 0
-        assert ran + batcher.rows_dropped == 48
+        # Expired calls cost (next to) no model time: their rows were dropped while queued or
+        # never queued; at most a few finished computing just as their deadline passed.
+        assert ok <= ran <= ok + 4, (ok, ran)
+        assert ran + batcher.rows_dropped <= 48
         assert sample_value(text, "adaface_rows_dropped_total") == batcher.rows_dropped
         assert sample_value(text, "adaface_deadline_expired_total", method="Embedder/Embed") > 0
     finally:

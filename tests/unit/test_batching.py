@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 
 from adaface_server.batching import DynamicBatcher
-from adaface_server.errors import ResourceExhausted
+from adaface_server.errors import DeadlineExceeded, ResourceExhausted
 
 
 class GatedModel:
@@ -143,3 +144,33 @@ def test_cancelled_request_is_dropped_before_it_reaches_the_model():
 
     model = run(scenario())
     assert [b[:, 0].tolist() for b in model.batches] == [[0.0], [3.0]]
+
+
+def test_rows_whose_deadline_passed_while_queued_are_dropped_unrun():
+    async def scenario():
+        model = GatedModel()
+        dropped: list[int] = []
+        batcher = DynamicBatcher(model, max_batch_size=8, max_queue=64, on_drop=dropped.append)
+        batcher.start()
+        busy = asyncio.create_task(batcher.submit(rows(1)))
+        await asyncio.sleep(0.01)
+        now = time.monotonic()
+        # Everything queued behind the busy batch expires before the model frees up.
+        expired = [
+            asyncio.create_task(batcher.submit(rows(2, 3), deadline=now + 0.02)),
+            asyncio.create_task(batcher.submit(rows(4), deadline=now + 0.02)),
+        ]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await busy
+        outcomes = await asyncio.gather(*expired, return_exceptions=True)
+        # The batcher survived a batch with nothing left in it and still serves.
+        later = await batcher.submit(rows(5), deadline=time.monotonic() + 10)
+        await batcher.stop()
+        return model, dropped, outcomes, later, batcher
+
+    model, dropped, outcomes, later, batcher = run(scenario())
+    assert [len(b) for b in model.batches] == [1, 1]
+    assert all(isinstance(o, DeadlineExceeded) for o in outcomes), outcomes
+    assert dropped == [2, 1] and batcher.rows_dropped == 3 and batcher.queued_rows == 0
+    assert later[0][0, 0] == 5

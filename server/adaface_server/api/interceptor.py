@@ -246,7 +246,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                 return await behaviour(request, context)
             except ServiceError as exc:
                 code = status_code(exc)
-                await context.abort(code, str(exc))
+                await _abort(context, code, str(exc))
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
@@ -256,7 +256,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             except Exception:
                 log.exception("unhandled error in %s", method)
                 code = grpc.StatusCode.INTERNAL
-                await context.abort(code, "internal error")
+                await _abort(context, code, "internal error")
             finally:
                 self._finish(call, context, _final_code(context, code), tally)
 
@@ -281,7 +281,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                     await responses
             except ServiceError as exc:
                 code = status_code(exc)
-                await context.abort(code, str(exc))
+                await _abort(context, code, str(exc))
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
@@ -291,11 +291,19 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             except Exception:
                 log.exception("unhandled error in %s", method)
                 code = grpc.StatusCode.INTERNAL
-                await context.abort(code, "internal error")
+                await _abort(context, code, "internal error")
             finally:
                 self._finish(call, context, _final_code(context, code), tally)
 
         return run
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """Ends the call with `code`, unless the caller already left (deadline, cancel): then
+    there is nobody to answer, and gRPC forbids a status on a finished call."""
+    if context.cancelled() or context.done():
+        raise asyncio.CancelledError
+    await context.abort(code, details)
 
 
 def _check_body(request: Any, tally: _Tally) -> None:
