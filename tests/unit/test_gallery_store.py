@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import io
+import os
 import sqlite3
+import threading
 
 import numpy as np
 import pytest
 import torch
 
-from adaface_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from adaface_server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from adaface_server.gallery import store as db
 from adaface_server.gallery.store import Store
 from adaface_server.gallery.transfer import (
@@ -72,6 +81,137 @@ def test_group_commit_isolates_failing_writes(store):
     assert names == ["i0", "i2"]
     blocks = list(db.iter_sample_blocks(conn, gallery.gallery_id, 4))
     np.testing.assert_array_equal(blocks[0][2], np.concatenate([vectors, vectors]))
+
+
+def _hold_writer(store: Store, *, max_pages_over: int | None = None) -> threading.Event:
+    """Parks the writer thread in an op until the returned event is set, so the writes
+    submitted meanwhile are committed as one group. With `max_pages_over`, the op first caps
+    the file at its current size plus that many pages (SQLite then fails a write that would
+    grow it further with SQLITE_FULL, "database or disk is full", as on a full disk)."""
+    release, parked = threading.Event(), threading.Event()
+
+    def op(conn: sqlite3.Connection):
+        if max_pages_over is not None:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {pages + max_pages_over}")
+        parked.set()
+        release.wait(30)
+        return None, None
+
+    store.submit(op)
+    assert parked.wait(30)
+    return release
+
+
+def _enroll_op(gallery_id: int, name: str, vectors: np.ndarray, done: list[str]):
+    def op(conn: sqlite3.Connection):
+        iid = db.insert_identity(conn, gallery_id, name, {})
+        ids = db.insert_samples(conn, gallery_id, iid, vectors, np.ones(len(vectors)))
+        return ids, lambda: done.append(name)
+
+    return op
+
+
+def _names(store: Store, gallery_id: int) -> list[str]:
+    return [r.name for r in db.list_identities(store.reader(), gallery_id, "", 100)]
+
+
+def test_disk_full_mid_write_fails_that_write_alone(store):
+    """SQLite drops the whole transaction on this SQLITE_FULL: the old writer answered every
+    write of the group with INTERNAL "no such savepoint"; now the write that did not fit gets
+    RESOURCE_EXHAUSTED and its neighbours are committed in a new transaction."""
+    gallery = store.submit(lambda c: (db.insert_gallery(c, "g", "c" * 64, "m", 512, {}), None))
+    gid = gallery.result().gallery_id
+    done: list[str] = []
+    release = _hold_writer(store, max_pages_over=8)
+    small_a = store.submit(_enroll_op(gid, "a", unit(1, 512, 1), done))
+    big = store.submit(_enroll_op(gid, "big", unit(64, 512, 2), done))  # 128 KiB: 32+ pages
+    small_c = store.submit(_enroll_op(gid, "c", unit(1, 512, 3), done))
+    release.set()
+    with pytest.raises(ResourceExhausted) as err:
+        big.result(30)
+    message = str(err.value)
+    assert message.startswith(f"gallery store {store.path}: the disk is full (SQLite: ")
+    assert "database or disk is full" in message
+    assert "nothing was written" in message
+    assert small_a.result(30).tolist() == [1]
+    assert small_c.result(30).tolist() == [2]  # ids stay consecutive after the retry
+    assert done == ["a", "c"]  # no index update for the rolled-back write
+    assert _names(store, gid) == ["a", "c"]
+    # Room again: the same write now succeeds on the same writer thread.
+    store.submit(lambda c: (c.execute("PRAGMA max_page_count = 1073741823"), None)).result(30)
+    assert store.submit(_enroll_op(gid, "big", unit(64, 512, 2), done)).result(30).size == 64
+    assert _names(store, gid) == ["a", "big", "c"]
+
+
+def test_writer_survives_a_broken_connection_and_failed_rollback(store):
+    """An op that breaks the writer's connection: the group fails with a clear INTERNAL,
+    the ROLLBACK on the dead connection fails too, and the writer reconnects for the next."""
+    gid = (
+        store.submit(lambda c: (db.insert_gallery(c, "g", "c" * 64, "m", 4, {}), None))
+        .result(30)
+        .gallery_id
+    )
+    done: list[str] = []
+    release = _hold_writer(store)
+    neighbour = store.submit(_enroll_op(gid, "neighbour", unit(1, 4, 0), done))
+
+    def breaks_connection(conn: sqlite3.Connection):
+        db.insert_identity(conn, gid, "lost", {})
+        conn.close()  # every later statement on it fails, ROLLBACK included
+        return None, lambda: done.append("lost")
+
+    broken = store.submit(breaks_connection)
+    release.set()
+    for future in (neighbour, broken):
+        with pytest.raises(Internal, match=r"write failed \(Cannot operate on a closed database"):
+            future.result(30)
+    assert done == []
+    assert store.submit(_enroll_op(gid, "after", unit(1, 4, 1), done)).result(30).size == 1
+    assert done == ["after"]
+    assert _names(store, gid) == ["after"]  # the open transaction died with its connection
+
+
+def test_cancelled_write_is_skipped_and_writer_survives(store):
+    """A caller that gave up (RPC cancelled, deadline passed) cancels its future: the
+    writer used to die on set_result() of a cancelled future, hanging every later write."""
+    ran: list[str] = []
+    release = _hold_writer(store)
+    cancelled = store.submit(lambda c: (ran.append("cancelled"), None))
+    assert cancelled.cancel()
+    kept = store.submit(lambda c: (ran.append("kept") or 7, None))
+    release.set()
+    assert kept.result(30) == 7
+    assert ran == ["kept"]
+    assert store.submit(lambda c: ("still writing", None)).result(30) == "still writing"
+
+
+def test_close_checkpoints_the_wal_and_refuses_later_writes(tmp_path):
+    path = tmp_path / "g.sqlite3"
+    s = Store(path)
+    s.open()
+    # Another open connection (a backup tool, an export): without an explicit checkpoint
+    # SQLite leaves the WAL as it is when a connection that is not the last one closes.
+    other = sqlite3.connect(path)
+    try:
+        assert other.execute("SELECT COUNT(*) FROM galleries").fetchone()[0] == 0
+        gid = (
+            s.submit(lambda c: (db.insert_gallery(c, "g", "c" * 64, "m", 4, {}), None))
+            .result(30)
+            .gallery_id
+        )
+        futures = [s.submit(_enroll_op(gid, f"i{k}", unit(2, 4, k), [])) for k in range(20)]
+        for f in futures:
+            f.result(30)
+        assert os.path.getsize(f"{path}-wal") > 0
+        s.close()
+        assert os.path.getsize(f"{path}-wal") == 0
+        with pytest.raises(Unavailable, match=r"is closed \(server stopping\)"):
+            s.submit(lambda c: (None, None))
+        assert other.execute("SELECT COUNT(*) FROM samples").fetchone()[0] == 40
+        assert other.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        other.close()
 
 
 def test_native_file_round_trip():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import queue
+import resource
 import sqlite3
 import threading
 import time
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FailedPrecondition, Internal, ServiceError
+from ..errors import FailedPrecondition, Internal, ResourceExhausted, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +58,29 @@ CREATE INDEX IF NOT EXISTS samples_by_gallery ON samples (gallery_id, sample_id)
 """
 # Writes waiting when the writer wakes up are committed together: one fsync for all.
 MAX_GROUP = 256
+# How long (ms) the close-time checkpoint waits for a lingering reader before giving up.
+CLOSE_CHECKPOINT_WAIT_MS = 1000
 
-# An op runs inside the writer's transaction and returns (result, after_commit).
+# An op runs inside the writer's transaction and returns (result, after_commit). It may run
+# again in a new transaction (see Store._commit_group), so only after_commit may change
+# anything outside the database.
 Op = Callable[[sqlite3.Connection], tuple[Any, Callable[[], None] | None]]
+
+# SQLite primary result codes (sqlite3.h) that mean the storage failed, not the request,
+# with their messages (matched on Python 3.10, whose exceptions carry no code).
+_SQLITE_FULL = 13
+_CORRUPTION_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
+_STORAGE_CODES = {
+    5: "database is locked",  # SQLITE_BUSY
+    7: "out of memory",  # SQLITE_NOMEM
+    8: "attempt to write a readonly database",  # SQLITE_READONLY
+    10: "disk I/O error",  # SQLITE_IOERR (EFBIG, EIO, ...)
+    11: "database disk image is malformed",  # SQLITE_CORRUPT
+    _SQLITE_FULL: "database or disk is full",  # SQLITE_FULL (ENOSPC)
+    14: "unable to open database file",  # SQLITE_CANTOPEN
+    15: "locking protocol",  # SQLITE_PROTOCOL
+    26: "file is not a database",  # SQLITE_NOTADB
+}
 
 
 @dataclass
@@ -89,12 +111,82 @@ class SampleRow:
     created_at: float
 
 
+def storage_error(exc: BaseException, path: Path) -> ServiceError | None:
+    """The client-facing error for a failure of the store's storage, or None for others.
+
+    Every caller rolls the transaction back, so each message says nothing was written:
+    the client may retry the same request once the cause is fixed.
+    """
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    code = _primary_code(exc)
+    if code not in _STORAGE_CODES:
+        return None
+    name = getattr(exc, "sqlite_errorname", None)
+    cause = f"SQLite: {exc}" + (f", {name}" if name else "")
+    if code == _SQLITE_FULL:
+        return ResourceExhausted(
+            f"gallery store {path}: the disk is full ({cause}{_free_space(path)}); nothing "
+            "was written; free space on that file system and retry"
+        )
+    if code in _CORRUPTION_CODES:
+        return Internal(
+            f"gallery store {path} is damaged ({cause}); nothing was written; restore the "
+            "file from a backup or an export"
+        )
+    # I/O errors, locks held by other processes, a read-only or vanished file: the server
+    # is fine and nothing was written, so UNAVAILABLE tells clients to retry with backoff.
+    return Unavailable(
+        f"gallery store {path}: the write failed with a storage error ({cause}"
+        f"{_file_size_limit()}); nothing was written; retry once the storage is healthy"
+    )
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python >= 3.11: the extended code
+    if code is not None:
+        return code & 0xFF
+    text = str(exc)
+    return next((c for c, m in _STORAGE_CODES.items() if text.startswith(m)), None)
+
+
+def _free_space(path: Path) -> str:
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return ""
+    return f"; {st.f_bavail * st.f_frsize} bytes free"
+
+
+def _file_size_limit() -> str:
+    # EFBIG from RLIMIT_FSIZE reaches SQLite as a plain write I/O error: name the limit.
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft == resource.RLIM_INFINITY:
+        return ""
+    return f"; this process may not grow a file past {soft} bytes (RLIMIT_FSIZE)"
+
+
+class _TransactionLost(Exception):
+    """A write failed in a way that made SQLite roll back the whole transaction."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.index = -1  # the write's place in its group, set by the caller
+
+
 class Store:
     """One SQLite file, written by one thread that groups concurrent writes into one commit.
 
     A write's future resolves only after COMMIT returned (durable: WAL + synchronous=FULL)
-    and its after-commit step (the index update) ran. A lock file keeps a second server
-    process from opening the same store: its in-memory indexes would silently diverge.
+    and its after-commit step (the index update) ran. A write that fails resolves with its
+    error after its rollback, and its after-commit step never runs. Storage failures (disk
+    full, I/O errors) become ServiceErrors (see storage_error): at COMMIT they fail every
+    write of the transaction; one that makes SQLite drop the transaction mid-write fails
+    that write alone and its neighbours run again. The writer thread outlives them all. A
+    write whose future was cancelled before the writer took it is never run. A lock file
+    keeps a second server process from opening the same store: its in-memory indexes
+    would silently diverge.
     """
 
     def __init__(self, path: Path) -> None:
@@ -103,6 +195,8 @@ class Store:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
+        # Guards the queue's end: nothing may be queued behind the writer's stop sentinel.
+        self._submit_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._lock_fd: int | None = None
         self._conn: sqlite3.Connection | None = None
@@ -148,20 +242,47 @@ class Store:
         return conn
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        """Finishes every queued write, checkpoints the WAL into the main file, closes."""
+        with self._submit_lock:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._queue.put(None)
+        if thread is not None:
+            thread.join()
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
         if self._conn is not None:
+            self._checkpoint(self._conn)
             self._conn.close()
             self._conn = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """Copies the WAL into the main file and empties it: after a clean stop the
+        .sqlite3 file alone holds everything (for backups and copies)."""
+        try:
+            conn.execute(f"PRAGMA busy_timeout={CLOSE_CHECKPOINT_WAIT_MS}")
+            busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            log.warning(
+                "gallery store %s: WAL checkpoint at close failed (%s); the WAL keeps every "
+                "committed write and SQLite replays it on the next open",
+                self.path,
+                exc,
+            )
+            return
+        if busy:
+            log.warning(
+                "gallery store %s: WAL not emptied at close (another connection is reading);"
+                " the WAL keeps every committed write",
+                self.path,
+            )
+        else:
+            log.info("gallery store %s: WAL checkpointed at close (%d frames)", self.path, frames)
 
     def reader(self) -> sqlite3.Connection:
         """This thread's read connection (WAL: reads never wait for the writer)."""
@@ -180,15 +301,14 @@ class Store:
     # -- writes ------------------------------------------------------------------------
 
     def submit(self, op: Op) -> Future:
-        if self._thread is None:
-            raise Internal("gallery store is closed")
         future: Future = Future()
-        self._queue.put((op, future))
+        with self._submit_lock:
+            if self._thread is None:
+                raise Unavailable(f"gallery store {self.path} is closed (server stopping)")
+            self._queue.put((op, future))
         return future
 
     def _write_loop(self) -> None:
-        conn = self._conn
-        assert conn is not None
         while True:
             item = self._queue.get()
             if item is None:
@@ -203,31 +323,57 @@ class Store:
                     self._queue.put(None)  # finish this group, then stop
                     break
                 group.append(nxt)
-            self._commit_group(conn, group)
+            # A cancelled future's caller is gone: skip its write. The others become
+            # RUNNING, so they can no longer be cancelled under the writer.
+            group = [(op, f) for op, f in group if f.set_running_or_notify_cancel()]
+            if not group:
+                continue
+            try:
+                self._commit_group(group)
+            except Exception as exc:
+                # Last line of defence: one group must never stop every later write.
+                log.exception("gallery writer: unexpected failure; %d writes failed", len(group))
+                self._fail(group, Internal(f"gallery store {self.path}: write failed: {exc}"))
 
-    def _commit_group(self, conn: sqlite3.Connection, group: list) -> None:
+    def _writer(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = self._connect()  # the last one broke (see _rollback)
+        return self._conn
+
+    def _commit_group(self, group: list[tuple[Op, Future]]) -> None:
+        # A write whose failure made SQLite drop the whole transaction (it may on FULL or
+        # IOERR, e.g. a big import spilling to a full disk) fails alone: its neighbours run
+        # again in a new transaction. Each pass removes one write, so this ends.
+        while group:
+            try:
+                self._commit(group)
+                return
+            except _TransactionLost as lost:
+                _, future = group.pop(lost.index)
+                future.set_exception(lost.error)
+
+    def _commit(self, group: list[tuple[Op, Future]]) -> None:
         outcomes: list[tuple[bool, Any, Callable[[], None] | None]] = []
+        conn: sqlite3.Connection | None = None
         try:
+            conn = self._writer()
             conn.execute("BEGIN IMMEDIATE")
-            for op, _ in group:
-                # A savepoint per op: one failing write does not undo its neighbours.
-                conn.execute("SAVEPOINT op")
+            for i, (op, _) in enumerate(group):
                 try:
-                    result, after = op(conn)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    outcomes.append((False, exc, None))
-                else:
-                    conn.execute("RELEASE op")
-                    outcomes.append((True, result, after))
+                    outcomes.append(self._run_op(conn, op))
+                except _TransactionLost as lost:
+                    lost.index = i
+                    raise
             conn.execute("COMMIT")
+        except _TransactionLost:
+            if conn is not None:
+                self._rollback(conn)
+            raise
         except Exception as exc:
-            log.exception("gallery commit failed; %d writes rolled back", len(group))
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            for _, future in group:
-                future.set_exception(Internal(f"gallery write failed: {exc}"))
+            error = self._group_error(exc, len(group))
+            if conn is not None:
+                self._rollback(conn)
+            self._fail(group, error)
             return
         for (_, future), (ok, value, after) in zip(group, outcomes, strict=True):
             if ok and after is not None:
@@ -242,6 +388,52 @@ class Store:
                 if not isinstance(value, ServiceError):
                     log.error("gallery write failed", exc_info=value)
                 future.set_exception(value)
+
+    def _run_op(
+        self, conn: sqlite3.Connection, op: Op
+    ) -> tuple[bool, Any, Callable[[], None] | None]:
+        # A savepoint per op: one failing write does not undo its neighbours.
+        conn.execute("SAVEPOINT op")
+        try:
+            result, after = op(conn)
+        except Exception as exc:
+            mapped = storage_error(exc, self.path)
+            if mapped is not None:
+                log.error("gallery store %s: a write failed: %s", self.path, exc)
+            if not conn.in_transaction:
+                raise _TransactionLost(mapped or exc) from exc
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            return False, mapped or exc, None
+        conn.execute("RELEASE op")
+        return True, result, after
+
+    def _group_error(self, exc: Exception, count: int) -> ServiceError:
+        mapped = storage_error(exc, self.path)
+        if mapped is not None:
+            # An expected operational condition: one line, no traceback.
+            log.error("gallery store %s: %d writes rolled back: %s", self.path, count, exc)
+            return mapped
+        log.error("gallery commit failed; %d writes rolled back", count, exc_info=exc)
+        return Internal(f"gallery store {self.path}: write failed ({exc}); nothing was written")
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        try:
+            if conn.in_transaction:  # a failed COMMIT may already have rolled back
+                conn.execute("ROLLBACK")
+        except Exception:
+            # The connection's state is unknown: drop it; the next group opens a new one.
+            log.exception("gallery store %s: ROLLBACK failed; reopening the writer", self.path)
+            with contextlib.suppress(Exception):
+                conn.close()
+            self._conn = None
+
+    @staticmethod
+    def _fail(group: list[tuple[Op, Future]], error: ServiceError) -> None:
+        for _, future in group:
+            if not future.done():
+                # One instance per waiter: each raise extends its own traceback.
+                future.set_exception(type(error)(*error.args))
 
 
 # -- SQL helpers (run inside a write op or on a reader connection) ------------------------
