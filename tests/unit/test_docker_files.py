@@ -108,7 +108,9 @@ def test_server_flags_and_env_vars_are_settings(compose):
     assert host in compose["services"]
     triton_ports = {p.split(":")[1] for p in compose["services"]["triton"]["ports"]}
     assert port in triton_ports and triton_ports == {"8000", "8001", "8002"}
-    assert server["ports"] == [f"{settings.port}:{settings.port}"] == ["50051:50051"]
+    metrics = settings.metrics_port
+    assert server["ports"] == [f"{settings.port}:{settings.port}", f"{metrics}:{metrics}"]
+    assert server["ports"] == ["50051:50051", "9464:9464"]
 
 
 def test_export_service_runs_our_exporter_idempotently(compose):
