@@ -1,4 +1,5 @@
-# adaface-serving front door: `make serve`, `make test`, `make bench`, `make proto`, `make lint`.
+# adaface-serving front door: `make serve`, `make test`, `make bench`, `make soak`, `make proto`,
+# `make lint`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ MTCNN_WEIGHTS ?= .cache/mtcnn
 # On a 2-core CPU, forward passes of 8 images beat 32 (make bench); Triton keeps config's 32.
 SERVE_ARGS ?= --max-batch-size 8
 
-.PHONY: venv export serve test test-fast bench proto proto-check lint format clean
+.PHONY: venv export serve test test-fast bench soak proto proto-check lint format clean
 
 venv: $(VENV)/.installed
 
@@ -42,6 +43,13 @@ test: venv
 
 bench: venv
 	$(PY) bench/run.py
+
+# Load + fault soak (~3-5 min) printing a summary table; the disk-full phase mounts a tmpfs
+# (root only, otherwise reported as skipped). e.g. make soak SOAK_ARGS="--duration 60 --out soak.md"
+SOAK_ARGS ?=
+
+soak: venv
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 proto: venv
 	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \

@@ -18,6 +18,7 @@ from adaface.v1 import (
     sampling_pb2_grpc,
 )
 
+from . import memory
 from .api.embedder import EmbedderServicer
 from .api.gallery import GalleryServicer
 from .api.interceptor import RequestInterceptor
@@ -34,6 +35,7 @@ from .security import load_tokens, server_credentials
 log = logging.getLogger(__name__)
 
 HEALTH_POLL_SECONDS = 0.2
+MEMORY_TRIM_SECONDS = 2.0  # idle this long (2-4 s) after traffic, and the heap is trimmed
 
 SERVICE_NAMES = (
     embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name,
@@ -55,8 +57,9 @@ class App:
         self.embedding = EmbeddingService(settings, create_backend(settings), self.metrics)
         self.health = health.aio.HealthServicer()
         limit = settings.max_message_bytes
+        self.calls = RequestInterceptor(settings, tokens, self.metrics)
         self.server = grpc.aio.server(
-            interceptors=[RequestInterceptor(settings, tokens, self.metrics)],
+            interceptors=[self.calls],
             options=[
                 # Up to twice the limit reaches the interceptor, which answers
                 # INVALID_ARGUMENT naming max_message_bytes; beyond that gRPC itself refuses
@@ -85,6 +88,7 @@ class App:
         self.port = 0
         self.metrics_port = -1
         self._loader: asyncio.Task | None = None
+        self._trimmer: asyncio.Task | None = None
         self._gallery_open: asyncio.Task | None = None
 
     async def start(self) -> int:
@@ -112,7 +116,22 @@ class App:
         # SQLite is opened and every gallery index rebuilt alongside the model load.
         self._gallery_open = asyncio.create_task(self.gallery.open(), name="gallery-open")
         self._loader = asyncio.create_task(self._load(), name="model-loader")
+        self._trimmer = asyncio.create_task(self._trim_when_idle(), name="memory-trim")
         return self.port
+
+    async def _trim_when_idle(self) -> None:
+        """After traffic stops, give the heap the burst left behind back to the OS."""
+        if not memory.available():
+            return
+        seen = trimmed_at = self.calls.completed
+        while True:
+            await asyncio.sleep(MEMORY_TRIM_SECONDS)
+            now = self.calls.completed
+            # Idle for a whole period (nothing finished, nothing running) after some traffic.
+            if now == seen != trimmed_at and self.calls.in_flight == 0:
+                trimmed_at = now
+                await asyncio.to_thread(memory.trim)
+            seen = now
 
     async def _load(self) -> None:
         try:
@@ -153,6 +172,8 @@ class App:
         await self.health.enter_graceful_shutdown()
         if self._loader is not None:
             self._loader.cancel()
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         await self.server.stop(grace)
         if self._gallery_open is not None:
             await self._gallery_open  # the rebuild runs in a thread: let it finish

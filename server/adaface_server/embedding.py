@@ -95,6 +95,8 @@ class EmbeddingService:
         self._ready = False
         # Rows sent to a backend that batches on its side (Triton), bounded by max_queue.
         self._inflight_rows = 0
+        # Rows admitted but still being decoded and aligned, counted against max_queue too.
+        self._preprocessing_rows = 0
         self._failure: str | None = None  # why loading gave up, for UNAVAILABLE messages
         # Loaded at construction so missing weights stop the server at start-up.
         self.detector: MTCNN | None = None
@@ -227,7 +229,15 @@ class EmbeddingService:
                 if item.mode is AlignMode.DETECT:
                     raise self._no_detector(f"images[{i}].alignment")
         params = detect or DetectParams()
-        crops = await self._crops_of(items, params)
+        # Overload is refused here, before any decoding: refusals stay cheap and never wait
+        # behind the images the server already accepted.
+        expected = len(items) * (2 if flip else 1)
+        self._admit(expected)
+        self._preprocessing_rows += expected
+        try:
+            crops = await self._crops_of(items, params)
+        finally:
+            self._preprocessing_rows -= expected
         # One model batch holds every crop: single crops and each detected face.
         rows: list[tuple[int, FaceCrop | None]] = []
         arrays: list[np.ndarray] = []
@@ -288,6 +298,15 @@ class EmbeddingService:
             )
             outcomes.append(ImageOutcome(faces=found))
         return outcomes
+
+    def _admit(self, rows: int) -> None:
+        waiting = self.queued_rows + self._preprocessing_rows
+        if waiting and waiting + rows > self.settings.max_queue:
+            raise ResourceExhausted(
+                f"server overloaded: {waiting} images waiting for preprocessing or the model, "
+                f"{rows} more would exceed the queue limit of {self.settings.max_queue} "
+                "(max_queue)"
+            )
 
     async def _crops_of(
         self, items: Sequence[ImageItem], params: DetectParams

@@ -97,6 +97,8 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         self._settings = settings
         self._tokens = tokens
         self._metrics = metrics
+        self.in_flight = 0
+        self.completed = 0  # calls answered since start
 
     async def intercept_service(
         self,
@@ -181,6 +183,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         )
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
         current_call.set(call)
+        self.in_flight += 1
         self._metrics.in_flight.inc()
         return call
 
@@ -208,6 +211,8 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         seconds = time.monotonic() - call.started
         name = _short(call.method)
+        self.in_flight -= 1
+        self.completed += 1
         self._metrics.in_flight.dec()
         self._metrics.requests.labels(name, code.name).inc()
         self._metrics.latency.labels(name).observe(seconds)
