@@ -229,15 +229,7 @@ class EmbeddingService:
                 if item.mode is AlignMode.DETECT:
                     raise self._no_detector(f"images[{i}].alignment")
         params = detect or DetectParams()
-        # Overload is refused here, before any decoding: refusals stay cheap and never wait
-        # behind the images the server already accepted.
-        expected = len(items) * (2 if flip else 1)
-        self._admit(expected)
-        self._preprocessing_rows += expected
-        try:
-            crops = await self._crops_of(items, params)
-        finally:
-            self._preprocessing_rows -= expected
+        crops = await self._crops_of(items, params, rows=len(items) * (2 if flip else 1))
         # One model batch holds every crop: single crops and each detected face.
         rows: list[tuple[int, FaceCrop | None]] = []
         arrays: list[np.ndarray] = []
@@ -283,7 +275,7 @@ class EmbeddingService:
         if self.detector is None:
             raise self._no_detector("Detect")
         self._check_count(items)
-        crops = await self._crops_of(items, params)
+        crops = await self._crops_of(items, params, rows=len(items))
         outcomes = []
         for c in crops:
             if isinstance(c, ImageOutcome):
@@ -309,13 +301,21 @@ class EmbeddingService:
             )
 
     async def _crops_of(
-        self, items: Sequence[ImageItem], params: DetectParams
+        self, items: Sequence[ImageItem], params: DetectParams, rows: int
     ) -> list[np.ndarray | list[FaceCrop] | ImageOutcome]:
-        """Decodes, detects and aligns on the preprocessing threads; counts failures."""
+        """Decodes, detects and aligns on the preprocessing threads; counts failures.
+
+        Overload is refused here, before any decoding: refusals stay cheap and never wait
+        behind the images the server already accepted. `rows` is what the items will cost."""
         request_context.check_deadline("preprocessing")
-        crops = await asyncio.get_running_loop().run_in_executor(
-            self._preprocess, self._crops, items, params, request_context.deadline()
-        )
+        self._admit(rows)
+        self._preprocessing_rows += rows
+        try:
+            crops = await asyncio.get_running_loop().run_in_executor(
+                self._preprocess, self._crops, items, params, request_context.deadline()
+            )
+        finally:
+            self._preprocessing_rows -= rows
         for c in crops:
             if isinstance(c, ImageOutcome) and c.error_reason:
                 self.metrics.image_failures.labels(c.error_reason).inc()

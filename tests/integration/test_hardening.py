@@ -392,3 +392,32 @@ def test_process_logs_json_lines_and_keeps_env_tokens_secret(ir18_repository, tm
     assert any(e["msg"] == "stopped" for e in lines)
     for secret in (USER, ADMIN, "not-a-known-token-at-all"):
         assert secret not in text
+
+
+def test_overload_is_refused_before_decoding_for_detect_too(ir18_repository):
+    repository, model = ir18_repository
+    server = ServerThread(server_settings(repository, model, max_queue=2)).start()
+    try:
+        server.wait_serving()
+        request = embedder_pb2.DetectRequest(
+            images=[common_pb2.ImageInput(encoded=png(crop(i))) for i in range(2)]
+        )
+        with grpc.insecure_channel(server.address) as channel:
+            detect = embedder_pb2_grpc.EmbedderStub(channel).Detect
+
+            def call(_: int) -> tuple[grpc.StatusCode, str]:
+                try:
+                    detect(request, timeout=60)
+                    return grpc.StatusCode.OK, ""
+                except grpc.RpcError as exc:
+                    return exc.code(), exc.details()
+
+            with concurrent.futures.ThreadPoolExecutor(24) as pool:
+                answers = list(pool.map(call, range(48)))
+        codes = {code for code, _ in answers}
+        assert codes == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, answers
+        refusal = next(d for c, d in answers if c is grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "waiting for preprocessing" in refusal and "queue limit of 2 (max_queue)" in refusal
+        assert server.app.embedding._preprocessing_rows == 0  # every admission was returned
+    finally:
+        server.stop()
