@@ -14,6 +14,7 @@ In order, for each call:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import re
@@ -237,68 +238,54 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
 
     # -- behaviours --------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _serving(
+        self, method: str, context: grpc.aio.ServicerContext, request: Any, request_stream: bool
+    ) -> AsyncIterator[Any]:
+        """Around one call: checks, then the servicer (the body), then accounting. Yields the
+        request to hand to the servicer (a checked iterator for request streams)."""
+        call = self._begin(method, context)
+        tally = _Tally()
+        code = grpc.StatusCode.OK
+        try:
+            self._authorize(method, context, call)
+            if request_stream:
+                yield self._checked_stream(request, tally)
+            else:
+                _check_body(request, tally)
+                yield request
+        except ServiceError as exc:
+            code = status_code(exc)
+            await _abort(context, code, str(exc))
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = _cancelled_code(call)
+            raise
+        except Exception:
+            log.exception("unhandled error in %s", method)
+            code = grpc.StatusCode.INTERNAL
+            await _abort(context, code, "internal error")
+        finally:
+            self._finish(call, context, _final_code(context, code), tally)
+
     def _unary(self, behaviour, method: str, request_stream: bool = False):
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = self._begin(method, context)
-            tally = _Tally()
-            code = grpc.StatusCode.OK
-            try:
-                self._authorize(method, context, call)
-                if request_stream:
-                    request = self._checked_stream(request, tally)
-                else:
-                    _check_body(request, tally)
-                return await behaviour(request, context)
-            except ServiceError as exc:
-                code = status_code(exc)
-                await _abort(context, code, str(exc))
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except asyncio.CancelledError:
-                code = _cancelled_code(call)
-                raise
-            except Exception:
-                log.exception("unhandled error in %s", method)
-                code = grpc.StatusCode.INTERNAL
-                await _abort(context, code, "internal error")
-            finally:
-                self._finish(call, context, _final_code(context, code), tally)
+            async with self._serving(method, context, request, request_stream) as checked:
+                return await behaviour(checked, context)
 
         return run
 
     def _streaming(self, behaviour, method: str, request_stream: bool):
         async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = self._begin(method, context)
-            tally = _Tally()
-            code = grpc.StatusCode.OK
-            try:
-                self._authorize(method, context, call)
-                if request_stream:
-                    request = self._checked_stream(request, tally)
-                else:
-                    _check_body(request, tally)
-                responses = behaviour(request, context)
+            async with self._serving(method, context, request, request_stream) as checked:
+                responses = behaviour(checked, context)
                 if inspect.isasyncgen(responses):
                     async for response in responses:
                         yield response
                 else:  # a coroutine writing with context.write (e.g. Health/Watch)
                     await responses
-            except ServiceError as exc:
-                code = status_code(exc)
-                await _abort(context, code, str(exc))
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except (asyncio.CancelledError, GeneratorExit):
-                code = _cancelled_code(call)
-                raise
-            except Exception:
-                log.exception("unhandled error in %s", method)
-                code = grpc.StatusCode.INTERNAL
-                await _abort(context, code, "internal error")
-            finally:
-                self._finish(call, context, _final_code(context, code), tally)
 
         return run
 
