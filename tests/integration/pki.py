@@ -51,5 +51,3 @@ def make_pki(d: Path) -> SimpleNamespace:
         client=(d / "client.pem", d / "client.key"),
         stranger=(d / "stranger.pem", d / "stranger.key"),
     )
-
-

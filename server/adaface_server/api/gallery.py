@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 
 import grpc
@@ -55,6 +56,9 @@ def _vector(msg: common_pb2.Embedding, field: str) -> SampleInput:
         raise InvalidArgument(
             f"{field}: {len(msg.vector)} bytes is not a whole number of float32 values"
         )
+    if not math.isfinite(msg.norm):
+        # Kept as the sample's quality: SQLite turns NaN into NULL, JSON exports have no inf.
+        raise InvalidArgument(f"{field}.norm: must be finite, got {msg.norm}")
     vector = np.frombuffer(msg.vector, dtype="<f4").astype(np.float32)
     return SampleInput(vector=vector, dim=msg.dim, norm=msg.norm)
 
@@ -71,7 +75,8 @@ def _sample(msg: gallery_pb2.GallerySample, field: str) -> SampleInput:
 def _operand(msg: gallery_pb2.VerifyOperand, field: str) -> VerifyOperand:
     source = msg.WhichOneof("source")
     if source == "image":
-        return VerifyOperand(sample=SampleInput(image=convert.image_item(msg.image, field)))
+        image = convert.image_item(msg.image, f"{field}.image")
+        return VerifyOperand(sample=SampleInput(image=image))
     if source == "vector":
         return VerifyOperand(sample=_vector(msg.vector, f"{field}.vector"))
     if source == "identity":
@@ -273,14 +278,9 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServicer):
     async def Export(
         self, request, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gallery_pb2.ExportChunk]:
-        try:
-            async for chunk in self._service.export(request.name):
-                yield gallery_pb2.ExportChunk(data=chunk)
-        except ServiceError as exc:
-            await context.abort(status_code(exc), str(exc))
-        except Exception:
-            log.exception("unhandled error in Export")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        # Errors become statuses in the interceptor (api/interceptor.py), as for every stream.
+        async for chunk in self._service.export(request.name):
+            yield gallery_pb2.ExportChunk(data=chunk)
 
     @unary_errors
     async def Import(self, request_iterator, context):

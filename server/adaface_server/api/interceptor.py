@@ -32,7 +32,7 @@ from ..logs import ACCESS_LOGGER
 from ..metrics import Metrics
 from ..request_context import Call, current_call
 from ..security import Caller, Role, TokenSet
-from .status import status_code
+from .status import clip_details, status_code
 
 log = logging.getLogger(__name__)
 access = logging.getLogger(ACCESS_LOGGER)
@@ -295,7 +295,7 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, detai
     there is nobody to answer, and gRPC forbids a status on a finished call."""
     if context.cancelled() or context.done():
         raise asyncio.CancelledError
-    await context.abort(code, details)
+    await context.abort(code, clip_details(details))
 
 
 def _check_body(request: Any, tally: _Tally) -> None:

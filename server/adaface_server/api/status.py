@@ -16,8 +16,21 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 
+#: Status messages travel in a header (grpc-message, percent-encoded); a long echo of some
+#: input could push it past the metadata limit and turn the answer into RESOURCE_EXHAUSTED.
+MAX_DETAILS_BYTES = 1000
+
+
 def status_code(error: ServiceError) -> grpc.StatusCode:
     return grpc.StatusCode[error.status]
+
+
+def clip_details(text: str) -> str:
+    """`text`, cut to MAX_DETAILS_BYTES of UTF-8 (on a character boundary) with a marker."""
+    data = text.encode()
+    if len(data) <= MAX_DETAILS_BYTES:
+        return text
+    return data[: MAX_DETAILS_BYTES - 20].decode(errors="ignore") + " ...(cut)"
 
 
 def unary_errors(
@@ -35,7 +48,9 @@ def unary_errors(
             trailing = tuple(getattr(exc, "trailing_metadata", ()))
             if trailing:
                 trailing = tuple(context.trailing_metadata() or ()) + trailing
-            await context.abort(status_code(exc), str(exc), trailing_metadata=trailing)
+            await context.abort(
+                status_code(exc), clip_details(str(exc)), trailing_metadata=trailing
+            )
         except Exception:
             log.exception("unhandled error in %s", method.__qualname__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")

@@ -44,6 +44,9 @@ MAX_PROBES = 1024
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 DEFAULT_DIM = 512
+MAX_SAMPLE_ID = 2**63 - 1
+_F32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32
+_F32_MAX = float(np.finfo(np.float32).max)
 SCORINGS = ("max", "mean")
 MODES = ("create", "append", "upsert")
 FORMATS = ("native", "seed_pth")
@@ -247,7 +250,7 @@ class GalleryService:
         self._check_open()
         g = self._galleries.get(name)
         if g is None:
-            raise NotFound(f"gallery {name!r} not found")
+            raise NotFound(f"gallery {shown(name)} not found")
         return g
 
     async def _write(self, op: db.Op):
@@ -269,13 +272,13 @@ class GalleryService:
             served, served_name = self._served()
             if served != g.model_checksum:
                 raise FailedPrecondition(
-                    f"gallery {g.name!r} is pinned to model {pinned}, but this server serves "
+                    f"gallery {shown(g.name)} is pinned to model {pinned}, but this server serves "
                     f"model {served} ({served_name}); serve the gallery's model or use a "
                     "gallery built with this one"
                 )
         if vectors and declared and declared != g.model_checksum:
             raise FailedPrecondition(
-                f"gallery {g.name!r} is pinned to model {pinned}, but the vectors come from "
+                f"gallery {shown(g.name)} is pinned to model {pinned}, but the vectors come from "
                 f"model {declared} (model_checksum)"
             )
 
@@ -336,20 +339,21 @@ class GalleryService:
             dim = model_dim
         elif not re.fullmatch(r"[0-9a-f]{64}", model_checksum):
             raise InvalidArgument(
-                f"model_checksum: need 64 lowercase hex digits (sha256), got {model_checksum!r}"
+                "model_checksum: need 64 lowercase hex digits (sha256), got "
+                f"{shown(model_checksum)}"
             )
         dim = dim or DEFAULT_DIM
         if not 1 <= dim <= 65536:
             raise InvalidArgument(f"dim: must be 1..65536, got {dim}")
         if name in self._galleries:
-            raise AlreadyExists(f"gallery {name!r} already exists")
+            raise AlreadyExists(f"gallery {shown(name)} already exists")
         index = self._new_index(dim)
 
         def op(conn):
             try:
                 row = db.insert_gallery(conn, name, model_checksum, model_name, dim, metadata)
             except sqlite3.IntegrityError:
-                raise AlreadyExists(f"gallery {name!r} already exists") from None
+                raise AlreadyExists(f"gallery {shown(name)} already exists") from None
             g = _Gallery(row, index, 0, 0)
 
             def after() -> None:
@@ -372,7 +376,7 @@ class GalleryService:
 
         def op(conn):
             if not db.gallery_exists(conn, g.row.gallery_id):
-                raise NotFound(f"gallery {name!r} not found")
+                raise NotFound(f"gallery {shown(name)} not found")
             counts = db.delete_gallery(conn, g.row.gallery_id)
 
             def after() -> None:
@@ -414,7 +418,7 @@ class GalleryService:
         good = [i for i, o in enumerate(outcomes) if o.ok]
         if not good:
             raise InvalidArgument(
-                f"identity {identity!r}: no sample could be enrolled: "
+                f"identity {shown(identity)}: no sample could be enrolled: "
                 + "; ".join(o.error_message for o in outcomes[:5])
             )
         vectors = np.stack([outcomes[i].vector for i in good]).astype(np.float32)
@@ -423,12 +427,14 @@ class GalleryService:
 
         def op(conn):
             if not db.gallery_exists(conn, gid):
-                raise NotFound(f"gallery {gallery!r} not found")
+                raise NotFound(f"gallery {shown(gallery)} not found")
             existing = db.find_identity(conn, gid, identity)
             if existing is not None and mode == "create":
-                raise AlreadyExists(f"identity {identity!r} already exists in gallery {gallery!r}")
+                raise AlreadyExists(
+                    f"identity {shown(identity)} already exists in gallery {shown(gallery)}"
+                )
             if existing is None and mode == "append":
-                raise NotFound(f"identity {identity!r} not found in gallery {gallery!r}")
+                raise NotFound(f"identity {shown(identity)} not found in gallery {shown(gallery)}")
             if existing is None:
                 identity_id, before = db.insert_identity(conn, gid, identity, metadata), 0
             else:
@@ -461,12 +467,17 @@ class GalleryService:
         if not sample_ids:
             raise InvalidArgument("sample_ids: at least one id is required")
         wanted = list(dict.fromkeys(int(s) for s in sample_ids))
+        # Ids are SQLite rowids (signed 64-bit): a larger uint64 cannot name a sample, and
+        # binding it would raise OverflowError inside the writer.
+        beyond = [s for s in wanted if s > MAX_SAMPLE_ID]
+        if beyond:
+            raise NotFound(f"sample {beyond[0]} not found in gallery {shown(gallery)}")
 
         def op(conn):
             owners = db.sample_owners(conn, g.row.gallery_id, wanted)
             missing = [s for s in wanted if s not in owners]
             if missing:
-                raise NotFound(f"sample {missing[0]} not found in gallery {gallery!r}")
+                raise NotFound(f"sample {missing[0]} not found in gallery {shown(gallery)}")
             emptied = db.delete_samples(conn, owners)
             change = Change(remove_keys=np.asarray(wanted, np.int64), identity_delta=-len(emptied))
 
@@ -484,7 +495,7 @@ class GalleryService:
         def op(conn):
             found = db.find_identity(conn, g.row.gallery_id, identity)
             if found is None:
-                raise NotFound(f"identity {identity!r} not found in gallery {gallery!r}")
+                raise NotFound(f"identity {shown(identity)} not found in gallery {shown(gallery)}")
             ids = db.delete_identity(conn, found.identity_id)
             change = Change(
                 remove_keys=np.asarray(ids, np.int64),
@@ -509,7 +520,7 @@ class GalleryService:
             conn = self.store.reader()
             found = db.find_identity(conn, g.row.gallery_id, identity)
             if found is None:
-                raise NotFound(f"identity {identity!r} not found in gallery {gallery!r}")
+                raise NotFound(f"identity {shown(identity)} not found in gallery {shown(gallery)}")
             return found, db.identity_samples(
                 conn, found.identity_id, g.row.dim, with_vectors=include_vectors
             )
@@ -609,6 +620,9 @@ class GalleryService:
             dim = self.embedding.info().embedding_dim
         else:
             dim = next(s.vector.size for s in samples.values() if s.vector is not None)
+        for name, s in samples.items():
+            if s.vector is not None:  # named as the request names it: "a.vector", not "a[0]"
+                check_vector(s.vector, s.dim, dim, f"{name}.vector")
         sides: dict[str, tuple[np.ndarray, list[int]]] = {}
         for name, s in samples.items():
             outcome = (await self._outcomes([s], name, dim, flip))[0]
@@ -621,7 +635,8 @@ class GalleryService:
                 _, rows = await self.get_identity(gallery, op.identity, True)
                 if not rows:
                     raise FailedPrecondition(
-                        f"{name}: identity {op.identity!r} in gallery {gallery!r} has no samples"
+                        f"{name}: identity {shown(op.identity)} in gallery {shown(gallery)} "
+                        "has no samples"
                     )
                 vectors = np.stack([r.vector for r in rows]).astype(np.float32)
                 ids = [r.sample_id for r in rows]
@@ -656,7 +671,7 @@ class GalleryService:
         conn.execute("BEGIN")
         try:
             if not db.gallery_exists(conn, row.gallery_id):
-                raise NotFound(f"gallery {row.name!r} not found")
+                raise NotFound(f"gallery {shown(row.name)} not found")
             header = {
                 "name": row.name,
                 "model_checksum": row.model_checksum,
@@ -691,7 +706,7 @@ class GalleryService:
             parsed.name = name or parsed.name
         check_name(parsed.name, "header.name")
         if parsed.name in self._galleries:
-            raise AlreadyExists(f"gallery {parsed.name!r} already exists")
+            raise AlreadyExists(f"gallery {shown(parsed.name)} already exists")
         await self._read(_check_import, parsed)
         index = self._new_index(parsed.dim, parsed.sample_count)
 
@@ -706,7 +721,7 @@ class GalleryService:
                     parsed.metadata,
                 )
             except sqlite3.IntegrityError:
-                raise AlreadyExists(f"gallery {parsed.name!r} already exists") from None
+                raise AlreadyExists(f"gallery {shown(parsed.name)} already exists") from None
             change = db_bulk_insert(conn, row.gallery_id, parsed.identities)
             g = _Gallery(row, index, len(parsed.identities), parsed.sample_count)
 
@@ -729,12 +744,21 @@ class GalleryService:
 # -- validation and helpers ----------------------------------------------------------------
 
 
+def shown(text: str, limit: int = 64) -> str:
+    """`text` quoted for an error message, cut to `limit` characters: status details travel
+    in a trailer that clients cap at 8 KiB, so echoing a 10k-character name would turn the
+    caller's INVALID_ARGUMENT / NOT_FOUND into a RESOURCE_EXHAUSTED about metadata size."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def check_name(name: str, field_name: str) -> None:
     # fullmatch: `$` in a match() pattern also accepts a trailing newline ("a\n").
     if not NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"{field_name}: gallery names are 1..128 characters of [A-Za-z0-9._-] starting "
-            f"with a letter or digit, got {name!r}"
+            f"with a letter or digit, got {shown(name)}"
         )
 
 
@@ -771,14 +795,25 @@ def check_vector(vector: np.ndarray, declared: int, dim: int, field_name: str) -
     norm = float(np.linalg.norm(vector.astype(np.float64)))
     if norm == 0.0:
         raise InvalidArgument(f"{field_name}: an all-zero vector has no direction")
-    return (vector / norm).astype(np.float32)
+    if _F32_TINY <= norm <= _F32_MAX:
+        return (vector / norm).astype(np.float32)
+    # A norm float32 cannot hold (large values: dividing by inf stored an all-zero "unit"
+    # vector; subnormal ones lost their direction) is divided in float64.
+    return (vector.astype(np.float64) / norm).astype(np.float32)
 
 
 def _check_import(parsed: TransferGallery) -> None:
+    if not re.fullmatch(r"[0-9a-f]{64}", parsed.model_checksum):
+        raise InvalidArgument(
+            "import: model_checksum must be 64 lowercase hex digits (sha256), got "
+            f"{shown(parsed.model_checksum)}"
+        )
+    check_metadata(parsed.metadata, "import: header.metadata")
     seen: set[str] = set()
     for i, ident in enumerate(parsed.identities):
-        where = f"import: identity [{i}] {ident.name!r}"
+        where = f"import: identity [{i}] {shown(ident.name)}"
         check_identity(ident.name, where)
+        check_metadata(ident.metadata, f"{where} metadata")
         if ident.name in seen:
             raise InvalidArgument(f"{where}: appears twice")
         seen.add(ident.name)
@@ -788,11 +823,20 @@ def _check_import(parsed: TransferGallery) -> None:
         bad = np.argwhere(~np.isfinite(v))
         if bad.size:
             raise InvalidArgument(f"{where} sample [{bad[0][0]}]: values must be finite")
-        norms = np.linalg.norm(v, axis=1)
-        zero = np.flatnonzero(norms == 0)
+        quality = np.flatnonzero(~np.isfinite(np.asarray(ident.norms, np.float64)))
+        if quality.size:
+            raise InvalidArgument(f"{where} sample [{quality[0]}]: norm must be finite")
+        wide = np.linalg.norm(v.astype(np.float64), axis=1)
+        zero = np.flatnonzero(wide == 0)
         if zero.size:
             raise InvalidArgument(f"{where} sample [{zero[0]}]: an all-zero vector")
-        ident.vectors = (v / norms[:, None]).astype(np.float32)
+        with np.errstate(over="ignore", under="ignore"):
+            norms = np.linalg.norm(v, axis=1)
+            unit = v / norms[:, None]
+        # Rows whose float32 norm overflowed or underflowed are divided in float64.
+        odd = np.flatnonzero(~((norms >= _F32_TINY) & (norms <= _F32_MAX)))
+        unit[odd] = v[odd].astype(np.float64) / wide[odd, None]
+        ident.vectors = unit.astype(np.float32)
 
 
 def db_bulk_insert(
@@ -849,4 +893,6 @@ def _decode_token(token: str) -> str:
     try:
         return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidArgument(f"page_token: not a token this server issued: {token!r}") from None
+        raise InvalidArgument(
+            f"page_token: not a token this server issued: {shown(token)}"
+        ) from None

@@ -116,7 +116,7 @@ def parse_native(data: bytes | bytearray | memoryview) -> TransferGallery:
             metadata=_str_map(header.get("metadata", {}), "header.metadata"),
             identities=[],
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise InvalidArgument(f"import: bad header: {exc!r}") from None
     if not 1 <= dim <= 65536:
         raise InvalidArgument(f"import: header.dim must be 1..65536, got {dim}")
@@ -139,7 +139,7 @@ def parse_native(data: bytes | bytearray | memoryview) -> TransferGallery:
             norms = np.asarray([float(s.get("norm", 0.0)) for s in samples], np.float32)
             metadata = _str_map(record.get("metadata", {}), f"identity {name!r} metadata")
             created_at = float(record.get("created_at", 0.0))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise InvalidArgument(f"import: bad identity record at byte {start}: {exc!r}") from None
         nbytes = len(samples) * dim * 4
         if pos + nbytes > len(view):

@@ -11,7 +11,19 @@ PRECISIONS = ("fp32", "bf16")
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows of `x` scaled to unit L2 norm, float32 (zero rows stay zero)."""
     x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    with np.errstate(over="ignore", under="ignore"):
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+    # Squares of finite float32 values can overflow (|v| > ~1e19) or underflow (|v| <
+    # ~1e-23) in float32, which made such rows infinite-norm or "zero" and gave them
+    # arbitrary neighbours; those few rows are normalised in float64 instead.
+    zero = np.flatnonzero(norms[:, 0] == 0)
+    odd = np.concatenate([np.flatnonzero(~np.isfinite(norms[:, 0])), zero[x[zero].any(axis=1)]])
+    if odd.size:
+        wide = x[odd].astype(np.float64)
+        norms[odd] = 1.0  # the rows are replaced below
+        unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+        unit[odd] = (wide / np.linalg.norm(wide, axis=1, keepdims=True)).astype(np.float32)
+        return unit
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 

@@ -23,6 +23,9 @@ from .knn import knn
 log = logging.getLogger(__name__)
 
 MAX_DIM = 65536
+# A batch's positions are computed and sent whole; beyond this one tiny request (a single
+# identity with batch_size = num_instance = 2**32-1) made the server allocate ~32 GiB.
+MAX_BATCH_SIZE = 65536
 # Response chunks stay far below gRPC message limits and keep server memory per build small.
 CHUNK_BYTES = 4 * 1024 * 1024
 
@@ -46,6 +49,10 @@ class SamplingOptions:
                 f"options.batch_size: {self.batch_size} is not divisible by "
                 f"options.num_instance {self.num_instance} (a batch is P identities x "
                 "num_instance samples)"
+            )
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise InvalidArgument(
+                f"options.batch_size: at most {MAX_BATCH_SIZE}, got {self.batch_size}"
             )
         if self.dim > MAX_DIM:
             raise InvalidArgument(f"options.dim: at most {MAX_DIM}, got {self.dim}")
@@ -75,6 +82,8 @@ class PrototypeTable:
 
     def name(self, index: int) -> str:
         pid = self.pids[index]
+        if len(pid) > 64:  # error details travel in a trailer that clients cap at 8 KiB
+            return f"identities[{index}] (pid {pid[:64]!r}... ({len(pid)} characters))"
         return f"identities[{index}] (pid {pid!r})" if pid else f"identities[{index}]"
 
     def add(
