@@ -33,7 +33,8 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
     """Decodes JPEG/PNG/WebP/BMP bytes to RGB uint8, applying EXIF orientation."""
     if len(data) > limits.max_bytes:
         raise ImageRejected(
-            "TOO_MANY_BYTES", f"image is {len(data)} bytes, the limit is {limits.max_bytes}"
+            "TOO_MANY_BYTES",
+            f"image is {len(data)} bytes, the limit is {limits.max_bytes} (max_image_bytes)",
         )
     if not data:
         raise ImageRejected("UNDECODABLE", "image is empty (0 bytes)")
@@ -47,7 +48,7 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
                 raise ImageRejected(
                     "TOO_MANY_PIXELS",
                     f"image is {width}x{height} = {width * height} pixels, "
-                    f"the limit is {limits.max_pixels}",
+                    f"the limit is {limits.max_pixels} (max_image_pixels)",
                 )
             img.load()
             img = ImageOps.exif_transpose(img)
@@ -87,6 +88,6 @@ def raw_image(height: int, width: int, data: bytes, limits: DecodeLimits) -> np.
         raise ImageRejected(
             "TOO_MANY_PIXELS",
             f"image is {width}x{height} = {width * height} pixels, "
-            f"the limit is {limits.max_pixels}",
+            f"the limit is {limits.max_pixels} (max_image_pixels)",
         )
     return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
