@@ -155,13 +155,11 @@ def test_bad_images_fail_alone_and_the_rest_of_the_batch_succeeds(stub):
     assert results[1].error.message.startswith("images[1]: not a decodable")
     assert (
         f"images[2]: image is {len(images[2].encoded)} bytes, the limit is 60000 "
-        "(max_image_bytes)"
-        in results[2].error.message
+        "(max_image_bytes)" in results[2].error.message
     )
     assert (
         "images[3]: image is 40000x40000 = 1600000000 pixels, the limit is 90000 "
-        "(max_image_pixels)"
-        in results[3].error.message
+        "(max_image_pixels)" in results[3].error.message
     )
     assert (
         "images[4]: an aligned face crop must be 112x112, got 120x100" in results[4].error.message
