@@ -294,8 +294,11 @@ class EmbeddingService:
     def _admit(self, rows: int) -> None:
         waiting = self.queued_rows + self._preprocessing_rows
         if waiting and waiting + rows > self.settings.max_queue:
+            where = (
+                "queued for the model" if self._batcher else f"in flight to {self.backend.target}"
+            )
             raise ResourceExhausted(
-                f"server overloaded: {waiting} images waiting for preprocessing or the model, "
+                f"server overloaded: {waiting} images being preprocessed or {where}, "
                 f"{rows} more would exceed the queue limit of {self.settings.max_queue} "
                 "(max_queue)"
             )

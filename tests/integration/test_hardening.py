@@ -417,7 +417,9 @@ def test_overload_is_refused_before_decoding_for_detect_too(ir18_repository):
         codes = {code for code, _ in answers}
         assert codes == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, answers
         refusal = next(d for c, d in answers if c is grpc.StatusCode.RESOURCE_EXHAUSTED)
-        assert "waiting for preprocessing" in refusal and "queue limit of 2 (max_queue)" in refusal
+        assert (
+            "being preprocessed or queued" in refusal and "queue limit of 2 (max_queue)" in refusal
+        )
         assert server.app.embedding._preprocessing_rows == 0  # every admission was returned
     finally:
         server.stop()
