@@ -23,6 +23,8 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    # Token rotation without a restart: edit the token files, then `kill -HUP <pid>`.
+    loop.add_signal_handler(signal.SIGHUP, app.reload_tokens)
     await stopping.wait()
     log.info("shutting down: finishing in-flight requests (grace %.1fs)", settings.grace_seconds)
     await app.stop()

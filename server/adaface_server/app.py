@@ -119,6 +119,18 @@ class App:
         self._trimmer = asyncio.create_task(self._trim_when_idle(), name="memory-trim")
         return self.port
 
+    def reload_tokens(self) -> bool:
+        """Re-reads the token files and variables (SIGHUP). A file that cannot be read or
+        holds a bad token keeps the tokens in force and logs why; True when replaced."""
+        try:
+            tokens = load_tokens(self.settings)
+        except StartupError as exc:
+            log.error("token reload failed, the previous tokens stay in force: %s", exc)
+            return False
+        self.calls.tokens = tokens
+        log.info("tokens reloaded: %d", tokens.count)
+        return True
+
     async def _trim_when_idle(self) -> None:
         """After traffic stops, give the heap the burst left behind back to the OS."""
         if not memory.available():

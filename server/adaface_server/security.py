@@ -64,6 +64,10 @@ class TokenSet:
     def enabled(self) -> bool:
         return bool(self._entries)
 
+    @property
+    def count(self) -> int:
+        return len(self._entries)
+
     def check(self, presented: str) -> Caller | None:
         candidate = presented.encode()
         best: Role | None = None

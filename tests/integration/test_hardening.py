@@ -423,3 +423,58 @@ def test_overload_is_refused_before_decoding_for_detect_too(ir18_repository):
         assert server.app.embedding._preprocessing_rows == 0  # every admission was returned
     finally:
         server.stop()
+
+
+def test_sighup_rotates_tokens_and_keeps_them_when_the_file_is_bad(ir18_repository, tmp_path):
+    repository, model = ir18_repository
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    tokens = tmp_path / "tokens"
+    old, new = "old-token-0123456789abcdef", "new-token-0123456789abcdef"
+    tokens.write_text(old + "\n")
+    command = [
+        sys.executable, "-m", "adaface_server", "--host", "127.0.0.1", "--port", str(port),
+        "--model-repository", str(repository), "--model", model, "--threads", "1",
+        "--gallery-path", str(tmp_path / "g.db"), "--metrics-port", "-1",
+        "--auth-tokens-file", str(tokens), "--log-format", "text",
+    ]  # fmt: skip
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_serving(f"127.0.0.1:{port}", proc, log_path)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info = embedder_pb2_grpc.EmbedderStub(channel).Info
+
+            def accepted(token: str) -> bool:
+                try:
+                    info(embedder_pb2.InfoRequest(), metadata=bearer(token), timeout=10)
+                    return True
+                except grpc.RpcError as exc:
+                    assert exc.code() is grpc.StatusCode.UNAUTHENTICATED
+                    return False
+
+            def reload_until(expect_old: bool, expect_new: bool) -> None:
+                proc.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 10
+                while (accepted(old), accepted(new)) != (expect_old, expect_new):
+                    assert time.monotonic() < deadline, log_path.read_text()
+                    time.sleep(0.05)
+
+            assert accepted(old) and not accepted(new)
+            tokens.write_text(new + "\n")
+            reload_until(expect_old=False, expect_new=True)
+            tokens.write_text("too-short\n")  # a bad file: the tokens in force stay
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while "token reload failed" not in log_path.read_text():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert accepted(new) and not accepted(old)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log_path.read_text()
+    assert "too-short" not in text and old not in text and new not in text

@@ -96,7 +96,7 @@ def _bearer(metadata: tuple) -> str | None:
 class RequestInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, settings: Settings, tokens: TokenSet, metrics: Metrics) -> None:
         self._settings = settings
-        self._tokens = tokens
+        self.tokens = tokens  # replaced whole on reload (SIGHUP), never mutated
         self._metrics = metrics
         self.in_flight = 0
         self.completed = 0  # calls answered since start
@@ -189,7 +189,8 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         return call
 
     def _authorize(self, method: str, context: grpc.aio.ServicerContext, call: Call) -> None:
-        if not self._tokens.enabled:
+        tokens = self.tokens
+        if not tokens.enabled:
             return
         if method in HEALTH_METHODS and self._settings.auth_health_open:
             return
@@ -200,11 +201,11 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                 if token is None
                 else "malformed credentials: expected 'authorization: Bearer <token>'"
             )
-        caller: Caller | None = self._tokens.check(token)
+        caller: Caller | None = tokens.check(token)
         if caller is None:
             raise Unauthenticated("invalid bearer token")
         call.caller = caller.name
-        if method in ADMIN_METHODS and self._tokens.admin_required and caller.role < Role.ADMIN:
+        if method in ADMIN_METHODS and tokens.admin_required and caller.role < Role.ADMIN:
             raise PermissionDenied(f"{_short(method)} changes a gallery and needs an admin token")
 
     def _finish(
