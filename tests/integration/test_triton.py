@@ -17,10 +17,11 @@ from google.protobuf import text_format
 from grpc_health.v1 import health_pb2
 
 from adaface.v1 import embedder_pb2, embedder_pb2_grpc
-from adaface_server.errors import Internal
+from adaface_server.errors import DeadlineExceeded, Internal
 from adaface_server.models.export import existing_export_matches, export_python_backend
 from adaface_server.models.export import main as export_main
 from adaface_server.models.repository import load_model_spec, read_model_config
+from adaface_server.request_context import Call, current_call
 
 from .server_harness import ServerThread, server_settings
 from .test_embed_rpc import aligned, crop, vectors
@@ -200,6 +201,31 @@ def test_a_tensor_triton_rejects_is_internal_not_the_callers_fault(both_servers,
     assert str(err.value) == "internal error: the model backend rejected the request"
     assert "rejected a batch of 1 rows" in caplog.text and "INPUT__0" in caplog.text
     assert remote.health() == SERVING  # Triton is fine; nothing to mark down
+
+
+def test_calls_to_triton_never_outlive_the_callers_deadline(both_servers):
+    """The Triton call's timeout is the caller's remaining time, and running out of it is
+    the caller's DEADLINE_EXCEEDED, not an UNAVAILABLE Triton."""
+    _, remote = both_servers
+    backend = remote.app.embedding.backend
+    batch = np.zeros((2, 3, 112, 112), np.float32)
+
+    async def infer_with(remaining: float) -> BaseException | None:
+        started = time.monotonic()
+        current_call.set(Call("/test", "id", started, deadline=started + remaining))
+        try:
+            await backend.infer(batch)
+        except BaseException as exc:
+            return exc
+        return None
+
+    # Nothing left: refused before Triton is asked.
+    assert isinstance(remote.call(infer_with(-1.0)), DeadlineExceeded)
+    # 1 ms left (the triton_timeout_seconds default is 30 s): Triton's deadline fires.
+    err = remote.call(infer_with(0.001))
+    assert isinstance(err, DeadlineExceeded) and "waiting for Triton" in str(err), err
+    assert backend.ready()  # the caller ran out of time; Triton is fine
+    assert remote.call(infer_with(30.0)) is None
 
 
 def test_overload_is_resource_exhausted_naming_the_limit(ir18_repository, triton):
