@@ -110,7 +110,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler  # unknown method: gRPC answers UNIMPLEMENTED
         method = details.method
-        deserialize = self._deserializer(handler.request_deserializer, method)
+        deserialize = self._deserializer(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, method),
@@ -137,7 +137,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
 
     # -- request bodies ----------------------------------------------------------------
 
-    def _deserializer(self, inner: Callable[[bytes], Any] | None, method: str):
+    def _deserializer(self, inner: Callable[[bytes], Any] | None):
         if inner is None:
             return None
         limit = self._settings.max_message_bytes
