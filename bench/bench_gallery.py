@@ -234,7 +234,7 @@ def enroll_rows(count: int, rows: list[str], tmp: Path) -> None:
     repo = tmp / "repo"
     export_model(None, "ir_18", repo, "bench_ir18", max_batch_size=8)
     port = free_port()
-    env = {**os.environ, "ADAFACE_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "ADAFACE_LOG_LEVEL": "WARNING", "ADAFACE_METRICS_PORT": "-1"}
     server = subprocess.Popen(
         [
             sys.executable,

@@ -149,6 +149,7 @@ def run(
         weights = Path(__file__).resolve().parents[1] / ".cache" / "mtcnn"
         env.setdefault("ADAFACE_MTCNN_WEIGHTS", str(weights))
         env.setdefault("ADAFACE_GALLERY_PATH", str(repo / "galleries.sqlite3"))
+        env.setdefault("ADAFACE_METRICS_PORT", "-1")  # never collide with a running server
         server = subprocess.Popen(
             [
                 sys.executable,

@@ -46,6 +46,7 @@ def start_server(repo: Path, name: str, threads: int, batch: int, *extra: str):
         **os.environ,
         "ADAFACE_LOG_LEVEL": "WARNING",
         "ADAFACE_GALLERY_PATH": str(repo.parent / f"galleries-{port}.sqlite3"),
+        "ADAFACE_METRICS_PORT": "-1",  # never collide with a running server
     }
     process = subprocess.Popen(command, env=env)
     address = f"127.0.0.1:{port}"
