@@ -12,7 +12,7 @@ from adaface.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc
 from ..embedding import EmbeddingService
 from ..errors import InvalidArgument, ServiceError
 from . import convert
-from .status import status_code, unary_errors
+from .status import status_code
 from .streams import concurrent_responses
 
 log = logging.getLogger(__name__)
@@ -43,18 +43,15 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             raise AllImagesFailed(response, convert.all_failed_message(outcomes))
         return response
 
-    @unary_errors
     async def Embed(self, request, context):
         return await self._embed(request)
 
-    @unary_errors
     async def Detect(self, request, context):
         rid = convert.request_id(request.request_id)
         items = convert.detect_items(request)
         params = convert.detect_params(request.options, "options")
         return convert.detect_response(rid, await self._service.detect(items, params))
 
-    @unary_errors
     async def Info(self, request, context):
         return convert.info_response(self._service.info(), self._service.settings)
 

@@ -22,7 +22,7 @@ from ..gallery.service import (
 )
 from ..gallery.store import IdentityRow, SampleRow
 from . import convert
-from .status import status_code, unary_errors
+from .status import status_code
 from .streams import concurrent_responses
 
 log = logging.getLogger(__name__)
@@ -155,23 +155,19 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServicer):
     def __init__(self, service: GalleryService) -> None:
         self._service = service
 
-    @unary_errors
     async def CreateGallery(self, request, context):
         view = await self._service.create(
             request.name, request.model_checksum, request.dim, dict(request.metadata)
         )
         return gallery_info(view)
 
-    @unary_errors
     async def GetGallery(self, request, context):
         return gallery_info(self._service.get(request.name))
 
-    @unary_errors
     async def ListGalleries(self, request, context):
         views = self._service.list()
         return gallery_pb2.ListGalleriesResponse(galleries=[gallery_info(v) for v in views])
 
-    @unary_errors
     async def DeleteGallery(self, request, context):
         identities, samples = await self._service.delete(request.name)
         return gallery_pb2.DeleteGalleryResponse(
@@ -192,7 +188,6 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServicer):
         )
         return _enroll_response(rid, result)
 
-    @unary_errors
     async def Enroll(self, request, context):
         return await self._enroll(request)
 
@@ -214,26 +209,22 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServicer):
         async for response in concurrent_responses(request_iterator, handle, limit):
             yield response
 
-    @unary_errors
     async def RemoveSamples(self, request, context):
         identities, samples = await self._service.remove_samples(
             request.gallery, list(request.sample_ids)
         )
         return gallery_pb2.RemoveResponse(identities_removed=identities, samples_removed=samples)
 
-    @unary_errors
     async def RemoveIdentity(self, request, context):
         identities, samples = await self._service.remove_identity(request.gallery, request.identity)
         return gallery_pb2.RemoveResponse(identities_removed=identities, samples_removed=samples)
 
-    @unary_errors
     async def GetIdentity(self, request, context):
         row, samples = await self._service.get_identity(
             request.gallery, request.identity, request.include_vectors
         )
         return _identity(row, samples)
 
-    @unary_errors
     async def ListIdentities(self, request, context):
         rows, token = await self._service.list_identities(
             request.gallery, request.page_size, request.page_token
@@ -242,7 +233,6 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServicer):
             identities=[_identity(r) for r in rows], next_page_token=token
         )
 
-    @unary_errors
     async def Search(self, request, context):
         probes = [_sample(p, f"probes[{i}]") for i, p in enumerate(request.probes)]
         outcomes, searched = await self._service.search(
@@ -256,7 +246,6 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServicer):
         )
         return _search_response(outcomes, searched)
 
-    @unary_errors
     async def Verify(self, request, context):
         result = await self._service.verify(
             request.gallery,
@@ -282,7 +271,6 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServicer):
         async for chunk in self._service.export(request.name):
             yield gallery_pb2.ExportChunk(data=chunk)
 
-    @unary_errors
     async def Import(self, request_iterator, context):
         limit = self._service.settings.gallery_max_import_bytes
         header = None

@@ -257,7 +257,8 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                 yield request
         except ServiceError as exc:
             code = status_code(exc)
-            await _abort(context, code, str(exc))
+            # Some errors carry structured details for the caller (e.g. per-image results).
+            await _abort(context, code, str(exc), getattr(exc, "trailing_metadata", ()))
         except grpc.aio.AbortError:
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
@@ -291,12 +292,20 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         return run
 
 
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+async def _abort(
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    details: str,
+    trailing: tuple[tuple[str, str | bytes], ...] = (),
+) -> None:
     """Ends the call with `code`, unless the caller already left (deadline, cancel): then
     there is nobody to answer, and gRPC forbids a status on a finished call."""
     if context.cancelled() or context.done():
         raise asyncio.CancelledError
-    await context.abort(code, clip_details(details))
+    if trailing:
+        # abort() replaces trailing metadata already set (the request id): keep it.
+        trailing = tuple(context.trailing_metadata() or ()) + tuple(trailing)
+    await context.abort(code, clip_details(details), trailing_metadata=trailing)
 
 
 def _check_body(request: Any, tally: _Tally) -> None:

@@ -14,7 +14,6 @@ from ..sampling.service import (
     SamplingService,
 )
 from . import convert
-from .status import unary_errors
 
 
 def _options(msg: sampling_pb2.SamplingOptions) -> SamplingOptions:
@@ -32,9 +31,8 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServicer):
     def __init__(self, service: SamplingService) -> None:
         self._service = service
 
-    # A streaming reply written with context.write() lets unary_errors map failures to a
-    # status exactly as for unary calls; every check runs before the first write.
-    @unary_errors
+    # The reply is written with context.write(), and every check runs before the first
+    # write, so a failure becomes a plain status (in the interceptor), as for unary calls.
     async def BuildEpoch(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         with self._service.build_slot():
             table, images = await self._receive(request_iterator)
