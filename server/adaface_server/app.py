@@ -79,6 +79,7 @@ class App:
         )
         self.gallery = GalleryService(settings, self.embedding)
         gallery_pb2_grpc.add_GalleryServicer_to_server(GalleryServicer(self.gallery), self.server)
+        self.metrics.live.in_flight = lambda: self.calls.in_flight
         self.metrics.live.queue_depth = lambda: self.embedding.queued_rows
         self.metrics.live.gallery_sizes = self.gallery.sizes
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -29,10 +29,14 @@ class _Live(Collector):
     """Gauges computed at scrape time from the running services."""
 
     def __init__(self) -> None:
+        self.in_flight: Callable[[], int] = lambda: 0
         self.queue_depth: Callable[[], int] = lambda: 0
         self.gallery_sizes: GallerySizes = lambda: ()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        in_flight = GaugeMetricFamily("adaface_requests_in_flight", "RPCs being handled")
+        in_flight.add_metric([], self.in_flight())
+        yield in_flight
         queue = GaugeMetricFamily(
             "adaface_queue_depth", "Images waiting for (or in flight to) the model backend"
         )
@@ -70,7 +74,6 @@ class Metrics:
             buckets=_LATENCY,
             registry=r,
         )
-        self.in_flight = Gauge("adaface_requests_in_flight", "RPCs being handled", registry=r)
         self.batch_size = Histogram(
             "adaface_batch_size",
             "Rows (images and flips) per forward pass",

@@ -185,7 +185,6 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
         current_call.set(call)
         self.in_flight += 1
-        self._metrics.in_flight.inc()
         return call
 
     def _authorize(self, method: str, context: grpc.aio.ServicerContext, call: Call) -> None:
@@ -215,7 +214,6 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         name = _short(call.method)
         self.in_flight -= 1
         self.completed += 1
-        self._metrics.in_flight.dec()
         self._metrics.requests.labels(name, code.name).inc()
         self._metrics.latency.labels(name).observe(seconds)
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
