@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adaface.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc, gallery_pb2, gallery_pb2_grpc
+from adaface_server.errors import StartupError
 from adaface_server.security import fingerprint
 
 from .gallery_support import REPO, crop, free_port, png, vector_sample, wait_serving
@@ -478,3 +480,18 @@ def test_sighup_rotates_tokens_and_keeps_them_when_the_file_is_bad(ir18_reposito
             proc.wait()
     text = log_path.read_text()
     assert "too-short" not in text and old not in text and new not in text
+
+
+def test_a_busy_port_stops_the_server_naming_it(ir18_repository):
+    repository, model = ir18_repository
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = server_settings(repository, model, port=port)
+        server = ServerThread(settings)
+        server.settings = settings.replace(host="127.0.0.1")  # keep the taken port
+        with pytest.raises(StartupError) as err:
+            server.start()
+        server.loop.call_soon_threadsafe(server.loop.stop)
+    assert str(err.value) == f"cannot listen on 127.0.0.1:{port}: the port is in use"

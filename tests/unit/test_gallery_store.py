@@ -214,6 +214,22 @@ def test_close_checkpoints_the_wal_and_refuses_later_writes(tmp_path):
         other.close()
 
 
+def test_a_damaged_file_is_internal_naming_it_and_other_errors_are_not_storage(tmp_path):
+    path = tmp_path / "g.db"
+    path.write_bytes(b"this is no database" * 512)
+    conn = sqlite3.connect(path)
+    with pytest.raises(sqlite3.DatabaseError) as err:
+        conn.execute("SELECT * FROM sqlite_master").fetchall()
+    conn.close()
+    error = db.storage_error(err.value, path)
+    assert isinstance(error, Internal)
+    assert str(error).startswith(f"gallery store {path} is damaged (SQLite: file is not a database")
+    assert "restore the file from a backup or an export" in str(error)
+    # A constraint violation is the request's problem, not the storage's.
+    assert db.storage_error(sqlite3.IntegrityError("UNIQUE constraint failed"), path) is None
+    assert db.storage_error(ValueError("x"), path) is None
+
+
 def test_native_file_round_trip():
     idents = [
         TransferIdentity(
