@@ -12,14 +12,14 @@ import numpy as np
 from adaface.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc
 
 from ..errors import InvalidArgument, ServiceError
-from ..gallery.service import (
+from ..gallery.records import (
     EnrollResult,
-    GalleryService,
     GalleryView,
     ProbeOutcome,
     SampleInput,
     VerifyOperand,
 )
+from ..gallery.service import GalleryService
 from ..gallery.store import IdentityRow, SampleRow
 from . import convert
 from .status import status_code

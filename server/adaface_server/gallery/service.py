@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
 import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,101 +23,41 @@ from ..errors import (
     ServiceError,
     Unavailable,
 )
-from ..preprocess.pipeline import ImageItem
 from . import store as db
-from .index import Change, ExactIndex, Hit, create_index
+from .index import Change, ExactIndex, create_index
+from .records import (
+    EnrollResult,
+    GalleryView,
+    ProbeOutcome,
+    SampleInput,
+    SampleOutcome,
+    VerifyOperand,
+    VerifyResult,
+)
 from .store import GalleryRow, IdentityRow, SampleRow, Store
-from .transfer import TransferGallery, TransferIdentity, export_stream, parse_native, parse_seed_pth
+from .transfer import export_stream, group_export, insert_imported, parse_native, parse_seed_pth
+from .validation import (
+    DEFAULT_DIM,
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_TOP_K,
+    FORMATS,
+    MAX_PAGE_SIZE,
+    MAX_PROBES,
+    MAX_SAMPLE_ID,
+    MAX_TOP_K,
+    MODES,
+    SCORINGS,
+    check_identity,
+    check_import,
+    check_metadata,
+    check_name,
+    check_vector,
+    decode_page_token,
+    encode_page_token,
+    shown,
+)
 
 log = logging.getLogger(__name__)
-
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-MAX_IDENTITY_CHARS = 256
-MAX_METADATA_BYTES = 16384
-MAX_TOP_K = 1000
-DEFAULT_TOP_K = 10
-MAX_PROBES = 1024
-MAX_PAGE_SIZE = 1000
-DEFAULT_PAGE_SIZE = 100
-DEFAULT_DIM = 512
-MAX_SAMPLE_ID = 2**63 - 1
-_F32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32
-_F32_MAX = float(np.finfo(np.float32).max)
-SCORINGS = ("max", "mean")
-MODES = ("create", "append", "upsert")
-FORMATS = ("native", "seed_pth")
-
-
-@dataclass(frozen=True)
-class SampleInput:
-    """One enroll/search/verify input: an image to embed, or a precomputed vector."""
-
-    image: ImageItem | None = None
-    vector: np.ndarray | None = None  # float32 as sent (validated against the gallery's dim)
-    dim: int = 0  # the sender's declared length; 0 when not given
-    norm: float = 0.0
-
-
-@dataclass(frozen=True)
-class SampleOutcome:
-    """A vector ready to use, or why the input produced none (per-image problems only)."""
-
-    vector: np.ndarray | None = None  # unit float32
-    norm: float = 0.0
-    sample_id: int = 0
-    error_reason: str | None = None
-    error_message: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.vector is not None
-
-
-@dataclass(frozen=True)
-class EnrollResult:
-    identity: str
-    created: bool
-    samples: list[SampleOutcome]
-    sample_count: int
-
-
-@dataclass(frozen=True)
-class ProbeOutcome:
-    hits: list[Hit] = field(default_factory=list)
-    error_reason: str | None = None
-    error_message: str = ""
-
-
-@dataclass(frozen=True)
-class VerifyOperand:
-    """An image or vector (`sample`), or an enrolled identity."""
-
-    sample: SampleInput | None = None
-    identity: str | None = None
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    score: float
-    match: bool
-    threshold: float
-    a_sample_id: int = 0
-    b_sample_id: int = 0
-
-
-@dataclass(frozen=True)
-class GalleryView:
-    name: str
-    model_checksum: str
-    model_name: str
-    dim: int
-    identity_count: int
-    sample_count: int
-    created_at: float
-    metadata: dict[str, str]
-    index: str
-    dtype: str
-    index_bytes: int
 
 
 class _Gallery:
@@ -534,13 +470,13 @@ class GalleryService:
         size = page_size or DEFAULT_PAGE_SIZE
         if not 1 <= size <= MAX_PAGE_SIZE:
             raise InvalidArgument(f"page_size: must be 0..{MAX_PAGE_SIZE}, got {page_size}")
-        after = _decode_token(page_token)
+        after = decode_page_token(page_token)
 
         def read():
             return db.list_identities(self.store.reader(), g.row.gallery_id, after, size + 1)
 
         rows = await self._read(read)
-        token = _encode_token(rows[size - 1].name) if len(rows) > size else ""
+        token = encode_page_token(rows[size - 1].name) if len(rows) > size else ""
         return rows[:size], token
 
     # -- search and verify ---------------------------------------------------------------
@@ -681,7 +617,7 @@ class GalleryService:
                 "created_at": row.created_at,
             }
             yield from export_stream(
-                header, _group_export(db.iter_export_rows(conn, row.gallery_id), row.dim)
+                header, group_export(db.iter_export_rows(conn, row.gallery_id), row.dim)
             )
         finally:
             conn.execute("COMMIT")
@@ -707,7 +643,7 @@ class GalleryService:
         check_name(parsed.name, "header.name")
         if parsed.name in self._galleries:
             raise AlreadyExists(f"gallery {shown(parsed.name)} already exists")
-        await self._read(_check_import, parsed)
+        await self._read(check_import, parsed)
         index = self._new_index(parsed.dim, parsed.sample_count)
 
         def op(conn):
@@ -722,7 +658,7 @@ class GalleryService:
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"gallery {shown(parsed.name)} already exists") from None
-            change = db_bulk_insert(conn, row.gallery_id, parsed.identities)
+            change = insert_imported(conn, row.gallery_id, parsed.identities)
             g = _Gallery(row, index, len(parsed.identities), parsed.sample_count)
 
             def after() -> None:
@@ -739,160 +675,3 @@ class GalleryService:
             g.samples,
         )
         return g.view()
-
-
-# -- validation and helpers ----------------------------------------------------------------
-
-
-def shown(text: str, limit: int = 64) -> str:
-    """`text` quoted for an error message, cut to `limit` characters: status details travel
-    in a trailer that clients cap at 8 KiB, so echoing a 10k-character name would turn the
-    caller's INVALID_ARGUMENT / NOT_FOUND into a RESOURCE_EXHAUSTED about metadata size."""
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
-
-
-def check_name(name: str, field_name: str) -> None:
-    # fullmatch: `$` in a match() pattern also accepts a trailing newline ("a\n").
-    if not NAME_RE.fullmatch(name):
-        raise InvalidArgument(
-            f"{field_name}: gallery names are 1..128 characters of [A-Za-z0-9._-] starting "
-            f"with a letter or digit, got {shown(name)}"
-        )
-
-
-def check_identity(identity: str, field_name: str) -> None:
-    if not 1 <= len(identity) <= MAX_IDENTITY_CHARS:
-        raise InvalidArgument(
-            f"{field_name}: must be 1..{MAX_IDENTITY_CHARS} characters, got {len(identity)}"
-        )
-
-
-def check_metadata(metadata: dict[str, str], field_name: str) -> None:
-    size = len(json.dumps(metadata))
-    if size > MAX_METADATA_BYTES:
-        raise InvalidArgument(
-            f"{field_name}: at most {MAX_METADATA_BYTES} bytes as JSON, got {size}"
-        )
-
-
-def check_vector(vector: np.ndarray, declared: int, dim: int, field_name: str) -> np.ndarray:
-    """The unit float32 version of `vector`, or InvalidArgument naming the field."""
-    if declared and declared != vector.size:
-        raise InvalidArgument(
-            f"{field_name}.dim: says {declared}, but the vector holds {vector.size} values"
-        )
-    if vector.size != dim:
-        raise InvalidArgument(
-            f"{field_name}: need {dim} float32 values ({4 * dim} bytes), got {vector.size}"
-        )
-    bad = np.flatnonzero(~np.isfinite(vector))
-    if bad.size:
-        raise InvalidArgument(
-            f"{field_name}: values must be finite; value [{bad[0]}] is {vector[bad[0]]}"
-        )
-    norm = float(np.linalg.norm(vector.astype(np.float64)))
-    if norm == 0.0:
-        raise InvalidArgument(f"{field_name}: an all-zero vector has no direction")
-    if _F32_TINY <= norm <= _F32_MAX:
-        return (vector / norm).astype(np.float32)
-    # A norm float32 cannot hold (large values: dividing by inf stored an all-zero "unit"
-    # vector; subnormal ones lost their direction) is divided in float64.
-    return (vector.astype(np.float64) / norm).astype(np.float32)
-
-
-def _check_import(parsed: TransferGallery) -> None:
-    if not re.fullmatch(r"[0-9a-f]{64}", parsed.model_checksum):
-        raise InvalidArgument(
-            "import: model_checksum must be 64 lowercase hex digits (sha256), got "
-            f"{shown(parsed.model_checksum)}"
-        )
-    check_metadata(parsed.metadata, "import: header.metadata")
-    seen: set[str] = set()
-    for i, ident in enumerate(parsed.identities):
-        where = f"import: identity [{i}] {shown(ident.name)}"
-        check_identity(ident.name, where)
-        check_metadata(ident.metadata, f"{where} metadata")
-        if ident.name in seen:
-            raise InvalidArgument(f"{where}: appears twice")
-        seen.add(ident.name)
-        v = ident.vectors
-        if v.shape[1:] != (parsed.dim,):
-            raise InvalidArgument(f"{where}: vectors of shape {v.shape}, need [m, {parsed.dim}]")
-        bad = np.argwhere(~np.isfinite(v))
-        if bad.size:
-            raise InvalidArgument(f"{where} sample [{bad[0][0]}]: values must be finite")
-        quality = np.flatnonzero(~np.isfinite(np.asarray(ident.norms, np.float64)))
-        if quality.size:
-            raise InvalidArgument(f"{where} sample [{quality[0]}]: norm must be finite")
-        wide = np.linalg.norm(v.astype(np.float64), axis=1)
-        zero = np.flatnonzero(wide == 0)
-        if zero.size:
-            raise InvalidArgument(f"{where} sample [{zero[0]}]: an all-zero vector")
-        with np.errstate(over="ignore", under="ignore"):
-            norms = np.linalg.norm(v, axis=1)
-            unit = v / norms[:, None]
-        # Rows whose float32 norm overflowed or underflowed are divided in float64.
-        odd = np.flatnonzero(~((norms >= _F32_TINY) & (norms <= _F32_MAX)))
-        unit[odd] = v[odd].astype(np.float64) / wide[odd, None]
-        ident.vectors = unit.astype(np.float32)
-
-
-def db_bulk_insert(
-    conn: sqlite3.Connection, gallery_id: int, identities: list[TransferIdentity]
-) -> Change:
-    """Inserts a whole imported gallery; returns the index change adding every sample."""
-    ident_ids, sample_ids, labels, vectors, names = db.bulk_insert(conn, gallery_id, identities)
-    live = sum(1 for i in identities if len(i.vectors))
-    return Change(
-        add_keys=sample_ids,
-        add_labels=labels,
-        add_vectors=vectors,
-        names=dict(zip(ident_ids, names, strict=True)),
-        identity_delta=live,
-    )
-
-
-def _group_export(rows: Iterator[tuple], dim: int) -> Iterator[TransferIdentity]:
-    current: TransferIdentity | None = None
-    current_id = None
-    blobs: list[bytes] = []
-    norms: list[float] = []
-
-    def finish(ident: TransferIdentity) -> TransferIdentity:
-        ident.vectors = np.frombuffer(b"".join(blobs), "<f4").reshape(-1, dim)
-        ident.norms = np.asarray(norms, np.float32)
-        return ident
-
-    for iid, name, meta, created, sid, norm, s_created, blob in rows:
-        if iid != current_id:
-            if current is not None:
-                yield finish(current)
-            blobs, norms = [], []
-            current_id = iid
-            current = TransferIdentity(
-                name, json.loads(meta), created, np.empty((0, dim), np.float32), np.empty(0)
-            )
-        if sid is not None:
-            blobs.append(blob)
-            norms.append(norm)
-            current.sample_ids.append(sid)  # type: ignore[union-attr]
-            current.sample_created.append(s_created)  # type: ignore[union-attr]
-    if current is not None:
-        yield finish(current)
-
-
-def _encode_token(name: str) -> str:
-    return base64.urlsafe_b64encode(name.encode()).decode()
-
-
-def _decode_token(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidArgument(
-            f"page_token: not a token this server issued: {shown(token)}"
-        ) from None

@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 import json
 import math
+import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import InvalidArgument
+from . import store as db
+from .index import Change
 
 MAGIC = b"ADAFACE-GALLERY 1\n"
 CHUNK_BYTES = 1 << 20
@@ -221,3 +224,47 @@ def _label_text(label: object) -> str:
     if isinstance(label, float) and math.isfinite(label) and label.is_integer():
         return str(int(label))
     return str(label)
+
+
+def insert_imported(
+    conn: sqlite3.Connection, gallery_id: int, identities: list[TransferIdentity]
+) -> Change:
+    """Inserts a whole imported gallery; returns the index change adding every sample."""
+    ident_ids, sample_ids, labels, vectors, names = db.bulk_insert(conn, gallery_id, identities)
+    live = sum(1 for i in identities if len(i.vectors))
+    return Change(
+        add_keys=sample_ids,
+        add_labels=labels,
+        add_vectors=vectors,
+        names=dict(zip(ident_ids, names, strict=True)),
+        identity_delta=live,
+    )
+
+
+def group_export(rows: Iterator[tuple], dim: int) -> Iterator[TransferIdentity]:
+    current: TransferIdentity | None = None
+    current_id = None
+    blobs: list[bytes] = []
+    norms: list[float] = []
+
+    def finish(ident: TransferIdentity) -> TransferIdentity:
+        ident.vectors = np.frombuffer(b"".join(blobs), "<f4").reshape(-1, dim)
+        ident.norms = np.asarray(norms, np.float32)
+        return ident
+
+    for iid, name, meta, created, sid, norm, s_created, blob in rows:
+        if iid != current_id:
+            if current is not None:
+                yield finish(current)
+            blobs, norms = [], []
+            current_id = iid
+            current = TransferIdentity(
+                name, json.loads(meta), created, np.empty((0, dim), np.float32), np.empty(0)
+            )
+        if sid is not None:
+            blobs.append(blob)
+            norms.append(norm)
+            current.sample_ids.append(sid)  # type: ignore[union-attr]
+            current.sample_created.append(s_created)  # type: ignore[union-attr]
+    if current is not None:
+        yield finish(current)
