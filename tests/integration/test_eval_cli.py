@@ -246,3 +246,38 @@ def test_usage_errors_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "b.jpg").write_bytes(b"")
     proc = run_eval("calibrate", "--pairs", csv_file, "--server", "127.0.0.1:1")
     assert proc.returncode == 2 and "pairs.csv:3: same must be 1/0" in proc.stderr
+
+
+def test_failed_images_are_named(embed_server, tmp_path: Path) -> None:
+    images, issame = _pairs()
+    images[5] = b"\xff\xd8 not a jpeg"
+    bad = tmp_path / "broken.bin"
+    bad.write_bytes(pickle.dumps((images, issame)))
+    proc = run_eval(bad, "--server", embed_server.address, "--flip", "off", "--no-progress")
+    assert proc.returncode == 2
+    assert "broken: 1 of 40 images failed (image 5: UNDECODABLE" in proc.stderr
+
+
+def test_calibrate_from_bin_with_roc(embed_server, synthetic_bin: Path, tmp_path: Path) -> None:
+    roc = tmp_path / "calibration.png"
+    proc = run_eval(
+        "calibrate",
+        "--bin",
+        synthetic_bin,
+        "--far",
+        "0.2",
+        "--server",
+        embed_server.address,
+        "--roc",
+        roc,
+        "--no-progress",
+    )
+    assert proc.returncode == 0, proc.stderr
+    images, issame = pickle.loads(synthetic_bin.read_bytes())
+    scores, _ = reference_scores(embed_server.spec.model_path, images, flip=False)
+    expected = math.floor(third_highest_impostor(scores, issame) * 1e6 + 1) / 1e6
+    line = next(x for x in proc.stdout.splitlines() if "FAR 2e-01" in x)
+    assert float(line.split("--verify-threshold")[1].split()[0]) == pytest.approx(
+        expected, abs=2e-6
+    )
+    assert Image.open(roc).format == "PNG"
