@@ -9,6 +9,8 @@ MODEL ?= adaface_$(subst _,,$(ARCH))
 REPO ?= model_repository
 CKPT ?=
 PORT ?= 50051
+# HTTP/JSON API and web console (http://localhost:8080/); the server's default leaves it off.
+HTTP_PORT ?= 8080
 # MTCNN face-detector weights (ALIGNMENT_DETECT), fetched and sha256-checked by `make venv`.
 MTCNN_WEIGHTS ?= .cache/mtcnn
 # On a 2-core CPU, forward passes of 8 images beat 32 (make bench); Triton keeps config's 32.
@@ -36,7 +38,7 @@ export: venv
 serve: venv
 	@if [ -n "$(CKPT)" ] || [ ! -f "$(REPO)/$(MODEL)/1/model.pt" ]; then $(MAKE) --no-print-directory export; fi
 	$(PY) -m adaface_server --model-repository $(REPO) --model $(MODEL) --port $(PORT) \
-		--mtcnn-weights $(MTCNN_WEIGHTS) $(SERVE_ARGS)
+		--http-port $(HTTP_PORT) --mtcnn-weights $(MTCNN_WEIGHTS) $(SERVE_ARGS)
 
 test: venv
 	$(PY) -m pytest -q

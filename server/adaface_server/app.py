@@ -23,6 +23,7 @@ from .api.embedder import EmbedderServicer
 from .api.gallery import GalleryServicer
 from .api.interceptor import RequestInterceptor
 from .api.sampling import SamplingServicer
+from .api.web.server import HttpServer
 from .backends.base import create_backend
 from .config import Settings
 from .embedding import EmbeddingService
@@ -79,7 +80,14 @@ class App:
         )
         self.gallery = GalleryService(settings, self.embedding)
         gallery_pb2_grpc.add_GalleryServicer_to_server(GalleryServicer(self.gallery), self.server)
-        self.metrics.live.in_flight = lambda: self.calls.in_flight
+        self.http: HttpServer | None = None
+        if settings.http_port >= 0:
+            self.http = HttpServer(
+                settings, self.embedding, self.gallery, self.metrics, lambda: self.calls.tokens
+            )
+        self.metrics.live.in_flight = lambda: (
+            self.calls.in_flight + (self.http.in_flight if self.http else 0)
+        )
         self.metrics.live.queue_depth = lambda: self.embedding.queued_rows
         self.metrics.live.gallery_sizes = self.gallery.sizes
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -88,6 +96,7 @@ class App:
         )
         self.port = 0
         self.metrics_port = -1
+        self.http_port = -1
         self._loader: asyncio.Task | None = None
         self._trimmer: asyncio.Task | None = None
         self._gallery_open: asyncio.Task | None = None
@@ -114,6 +123,15 @@ class App:
             self.port,
             _transport(self.settings),
         )
+        if self.http is not None:
+            try:
+                self.http_port = await self.http.start(settings.host, settings.http_port)
+            except OSError as exc:
+                await self.server.stop(0)
+                raise StartupError(
+                    f"cannot listen on {settings.host}:{settings.http_port} (HTTP): {exc.strerror}"
+                ) from None
+            log.info("HTTP API and console on http://%s:%d/", settings.host, self.http_port)
         # SQLite is opened and every gallery index rebuilt alongside the model load.
         self._gallery_open = asyncio.create_task(self.gallery.open(), name="gallery-open")
         self._loader = asyncio.create_task(self._load(), name="model-loader")
@@ -187,6 +205,8 @@ class App:
             self._loader.cancel()
         if self._trimmer is not None:
             self._trimmer.cancel()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace)
         if self._gallery_open is not None:
             await self._gallery_open  # the rebuild runs in a thread: let it finish
