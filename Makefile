@@ -16,7 +16,7 @@ MTCNN_WEIGHTS ?= .cache/mtcnn
 # On a 2-core CPU, forward passes of 8 images beat 32 (make bench); Triton keeps config's 32.
 SERVE_ARGS ?= --max-batch-size 8
 
-.PHONY: venv export serve test test-fast bench soak proto proto-check lint format clean
+.PHONY: venv browser export serve test test-fast bench soak proto proto-check lint format clean
 
 venv: $(VENV)/.installed
 
@@ -40,7 +40,12 @@ serve: venv
 	$(PY) -m adaface_server --model-repository $(REPO) --model $(MODEL) --port $(PORT) \
 		--http-port $(HTTP_PORT) --mtcnn-weights $(MTCNN_WEIGHTS) $(SERVE_ARGS)
 
-test: venv
+# Debian's chromium for the web-console browser test; installs (as root) only when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+test: venv browser
 	$(PY) -m pytest -q
 
 bench: venv
