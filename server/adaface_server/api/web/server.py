@@ -131,6 +131,8 @@ class HttpServer:
                 self._authorize(route, request, call)
             response = await handler(request)
             images = response.get(_IMAGES, 0)
+            if response.status == 503:  # /healthz before the model is warm
+                code = "UNAVAILABLE"
         except ServiceError as exc:
             code, error = exc.status, clip_details(str(exc))
             response = _error(code, error, rid, getattr(exc, "response", None))
@@ -265,7 +267,8 @@ class HttpServer:
 
 
 def _dumps(data: Any) -> str:
-    return json.dumps(data, separators=(",", ":"))
+    # The newline keeps a shell prompt off the end of curl's output.
+    return json.dumps(data, separators=(",", ":")) + "\n"
 
 
 def _error(
