@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 
 import grpc
@@ -116,6 +117,8 @@ class App:
         settings = self.settings
         self.metrics_port = self.metrics.serve(settings.metrics_host, settings.metrics_port)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.http is not None:
+            await self._start_http()
         await self.server.start()
         log.info(
             "listening on %s:%d (%s)",
@@ -123,20 +126,23 @@ class App:
             self.port,
             _transport(self.settings),
         )
-        if self.http is not None:
-            try:
-                self.http_port = await self.http.start(settings.host, settings.http_port)
-            except OSError as exc:
-                await self.server.stop(0)
-                raise StartupError(
-                    f"cannot listen on {settings.host}:{settings.http_port} (HTTP): {exc.strerror}"
-                ) from None
-            log.info("HTTP API and console on http://%s:%d/", settings.host, self.http_port)
         # SQLite is opened and every gallery index rebuilt alongside the model load.
         self._gallery_open = asyncio.create_task(self.gallery.open(), name="gallery-open")
         self._loader = asyncio.create_task(self._load(), name="model-loader")
         self._trimmer = asyncio.create_task(self._trim_when_idle(), name="memory-trim")
         return self.port
+
+    async def _start_http(self) -> None:
+        assert self.http is not None
+        host, port = self.settings.host, self.settings.http_port
+        try:
+            self.http_port = await self.http.start(host, port)
+        except OSError as exc:
+            self.metrics.close()
+            why = "the port is in use" if exc.errno == errno.EADDRINUSE else str(exc)
+            raise StartupError(f"cannot listen on {host}:{port} (--http-port): {why}") from None
+        scheme = "https" if self.settings.tls_certificate else "http"
+        log.info("HTTP API and web console on %s://%s:%d/", scheme, host, self.http_port)
 
     def reload_tokens(self) -> bool:
         """Re-reads the token files and variables (SIGHUP). A file that cannot be read or

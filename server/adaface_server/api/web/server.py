@@ -92,7 +92,11 @@ class HttpServer:
         site = web.TCPSite(
             self._runner, host, port, ssl_context=self._ssl_context(), reuse_port=False
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError:
+            await self._runner.cleanup()
+            raise
         self.port = self._runner.addresses[0][1]
         return self.port
 
