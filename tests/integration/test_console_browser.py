@@ -7,6 +7,7 @@ tests/artifacts/console/ (gitignored) for people to look at when the test fails.
 
 from __future__ import annotations
 
+import base64
 import shutil
 from pathlib import Path
 
@@ -102,11 +103,21 @@ def test_console_detects_enrolls_and_matches(page, console_url, tmp_path):
     assert "enrolled eileen" in page.inner_text("#status")
     _shot(page, "2-enrolled-and-matched")
 
-    # A fresh page load finds the gallery again and searches the new photo against it.
+    # A fresh page load finds the gallery again and searches a dropped photo against it.
     page.reload()
     page.wait_for_function("document.getElementById('gallery').options.length > 1")
     page.select_option("#gallery", "crew")
-    page.set_input_files("#photo", str(photo))
+    # This time the photo is dropped on the drop zone, as a person would.
+    dropped = page.evaluate_handle(
+        """(b64) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], "dropped.jpg", { type: "image/jpeg" }));
+            return data;
+        }""",
+        base64.b64encode(photo.read_bytes()).decode(),
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
     page.wait_for_selector("#faces .matches .match")
     assert page.locator("#faces .match-name").first.inner_text() == "eileen"
     assert page.locator("#identities .identity").count() == 1
