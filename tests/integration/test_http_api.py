@@ -239,6 +239,17 @@ def test_errors_carry_the_grpc_status_and_message(http_server, url, photo):
         "POST", url + "/v1/galleries/twice/enroll", {"identity": "x", "samples": [{"vector": "@@"}]}
     )
     assert reply.status == 400 and "samples" in reply.body["error"]["message"]
+    late = request(
+        "POST",
+        url + "/v1/embed",
+        {"images": [_detect_image(photo)]},
+        headers={"x-request-timeout": "0.000001"},
+    )
+    assert late.status == 504 and late.body["error"]["code"] == "DEADLINE_EXCEEDED"
+    assert late.body["error"]["message"].startswith("deadline exceeded before")
+    reply = request("GET", url + "/v1/info", headers={"x-request-timeout": "soon"})
+    assert reply.status == 400
+    assert reply.body["error"]["message"].startswith("x-request-timeout: need seconds")
     reply = request("GET", url + "/v1/nothing-here")
     assert reply.status == 404 and reply.body["error"]["code"] == "NOT_FOUND"
     assert request("GET", url + "/healthz").body == {"status": "SERVING"}

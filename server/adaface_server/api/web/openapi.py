@@ -55,6 +55,7 @@ _ERRORS = {
     "409": "ALREADY_EXISTS",
     "429": "RESOURCE_EXHAUSTED: the queue is full",
     "503": "UNAVAILABLE: the model is not loaded yet",
+    "504": "DEADLINE_EXCEEDED: x-request-timeout passed before the work was done",
 }
 
 
@@ -111,6 +112,15 @@ def _parameters(route: Route) -> list[dict[str, Any]]:
             "required": False,
             "schema": {"type": "string"},
             "description": "echoed on the answer; made up when missing",
+        }
+    )
+    params.append(
+        {
+            "name": "x-request-timeout",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "number", "exclusiveMinimum": 0},
+            "description": "seconds the caller waits; work still queued then is dropped (504)",
         }
     )
     return params

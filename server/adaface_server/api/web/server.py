@@ -3,7 +3,8 @@
 Runs on aiohttp's AppRunner/TCPSite inside the event loop that serves grpc.aio, so both
 transports share the service objects (batcher, galleries) with no second process. Around
 every API call, in the interceptor's order: request id (`x-request-id` header, made up when
-missing, echoed on every answer), bearer token and admin rule, body limit, the servicer,
+missing, echoed on every answer), bearer token and admin rule, deadline (`x-request-timeout`
+header, seconds), body limit, the servicer,
 then metrics and one access-log line. Service errors become the HTTP status of their gRPC
 status, with the same message: `{"error": {"code", "message", "request_id"}}`.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import ssl
 import time
 from collections.abc import Callable
@@ -41,6 +43,10 @@ _IMAGES = web.ResponseKey("images", int)
 log = logging.getLogger(__name__)
 access = logging.getLogger(ACCESS_LOGGER)
 
+#: Header carrying the caller's deadline, as gRPC's timeout does; work still queued when it
+#: passes is dropped and the answer is 504 DEADLINE_EXCEEDED.
+TIMEOUT_HEADER = "x-request-timeout"
+MAX_TIMEOUT_SECONDS = 86400.0
 STATIC = resources.files(__package__) / "static"
 
 
@@ -133,6 +139,7 @@ class HttpServer:
         try:
             if route is not None:
                 self._authorize(route, request, call)
+                call.deadline = _deadline(request.headers.get(TIMEOUT_HEADER), call.started)
             response = await handler(request)
             images = response.get(_IMAGES, 0)
             if response.status == 503:  # /healthz before the model is warm
@@ -199,6 +206,8 @@ class HttpServer:
         if route is not None:
             self._metrics.requests.labels(route.name, code).inc()
             self._metrics.latency.labels(route.name).observe(seconds)
+            if code == "DEADLINE_EXCEEDED":
+                self._metrics.expired.labels(route.name).inc()
         fields: dict[str, Any] = {
             "rpc": route.name if route else f"http:{request.method} {request.path}",
             "status": code,
@@ -283,6 +292,21 @@ def _error(
         # e.g. every image failed: each image's own reason, as in the gRPC trailers.
         body["details"] = transcode.to_json(details)
     return web.json_response(body, status=status or http_status(code), dumps=_dumps)
+
+
+def _deadline(header: str | None, started: float) -> float | None:
+    """The gRPC deadline's HTTP twin: `x-request-timeout: <seconds>` from arrival."""
+    if header is None:
+        return None
+    try:
+        seconds = float(header)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT_SECONDS):
+        raise InvalidArgument(
+            f"{TIMEOUT_HEADER}: need seconds in (0, {MAX_TIMEOUT_SECONDS:g}], got {header!r}"
+        )
+    return started + seconds
 
 
 def _too_big(size: int, limit: int) -> InvalidArgument:
