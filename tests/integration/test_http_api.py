@@ -250,6 +250,9 @@ def test_errors_carry_the_grpc_status_and_message(http_server, url, photo):
     reply = request("GET", url + "/v1/info", headers={"x-request-timeout": "soon"})
     assert reply.status == 400
     assert reply.body["error"]["message"].startswith("x-request-timeout: need seconds")
+    reply = request("POST", url + "/v1/galleries/twice/search?top_k=3", {"probes": []})
+    assert reply.status == 400
+    assert reply.body["error"]["message"].startswith("top_k: not a query parameter here")
     reply = request("GET", url + "/v1/nothing-here")
     assert reply.status == 404 and reply.body["error"]["code"] == "NOT_FOUND"
     assert request("GET", url + "/healthz").body == {"status": "SERVING"}

@@ -149,11 +149,9 @@ class HttpServer:
             response = _error(code, error, rid, getattr(exc, "response", None))
         except web.HTTPException as exc:  # unknown path or verb
             code = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}.get(exc.status, "INVALID_ARGUMENT")
-            error = (
-                f"no route {request.method} {request.path}"
-                if exc.status in (404, 405)
-                else (exc.reason)
-            )
+            error = exc.reason
+            if exc.status in (404, 405):
+                error = f"no route {request.method} {request.path}"
             response = _error(code, error, rid, status=exc.status)
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path)
@@ -257,9 +255,12 @@ class HttpServer:
             else:
                 body = await _read_limited(request, limit)
                 data = transcode.parse_json(body)
-        for name in route.query:
-            if name in request.query:
-                transcode.set_text(descriptor, data, name, request.query[name])
+        for name, value in request.query.items():
+            if name in route.query:
+                transcode.set_text(descriptor, data, name, value)
+            elif name != "vector_format":
+                known = ", ".join((*route.query, "vector_format"))
+                raise InvalidArgument(f"{name}: not a query parameter here (known: {known})")
         data.update(request.match_info)
         message = transcode.parse(route.request, data)
         for field, content in files:
