@@ -167,6 +167,37 @@ def test_every_documented_route_answers_as_documented(url, photo):
     assert removed == {"identities_removed": 1, "samples_removed": 1}
 
 
+def test_every_documented_route_documents_its_errors(url):
+    doc = request("GET", url + "/openapi.json").body
+    bad = {  # routes without a gallery in the path: a request they must refuse
+        ("get", "/v1/info"): ("/v1/info?bogus=1", None),
+        ("post", "/v1/embed"): ("/v1/embed", {"images": []}),
+        ("post", "/v1/detect"): ("/v1/detect", {"images": []}),
+        ("get", "/v1/galleries"): ("/v1/galleries?bogus=1", None),
+        ("post", "/v1/galleries"): ("/v1/galleries", {"name": ""}),
+    }
+    checked = 0
+    for path, ops in doc["paths"].items():
+        for verb, op in ops.items():
+            if path == "/healthz":
+                continue
+            if (verb, path) in bad:
+                target, body = bad[(verb, path)]
+                expected = 400
+            else:  # an unknown gallery
+                target = path.replace("{name}", "missing").replace("{gallery}", "missing")
+                target, expected = target.replace("{identity}", "x"), 404
+                body = {"a": {"identity": "x"}, "b": {"identity": "y"}} if "verify" in path else {}
+            reply = request(verb.upper(), url + target, body if verb == "post" else None)
+            assert reply.status == expected, (verb, path, reply.body)
+            assert str(reply.status) in op["responses"]
+            schema = op["responses"][str(reply.status)]["content"]["application/json"]["schema"]
+            _check(schema, reply.body, doc)
+            assert reply.body["error"]["request_id"] == reply.headers["x-request-id"]
+            checked += 1
+    assert checked == 14  # every API route
+
+
 def test_json_multipart_base64_and_grpc_give_the_same_embedding(http_server, url, photo):
     by_json = request("POST", url + "/v1/embed", {"images": [_detect_image(photo)]}).body
     vector = np.asarray(by_json["results"][0]["embedding"]["vector"], np.float32)
