@@ -86,9 +86,7 @@ class App:
             self.http = HttpServer(
                 settings, self.embedding, self.gallery, self.metrics, lambda: self.calls.tokens
             )
-        self.metrics.live.in_flight = lambda: (
-            self.calls.in_flight + (self.http.in_flight if self.http else 0)
-        )
+        self.metrics.live.in_flight = lambda: self._traffic()[1]
         self.metrics.live.queue_depth = lambda: self.embedding.queued_rows
         self.metrics.live.gallery_sizes = self.gallery.sizes
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -156,16 +154,23 @@ class App:
         log.info("tokens reloaded: %d", tokens.count)
         return True
 
+    def _traffic(self) -> tuple[int, int]:
+        """(calls answered, calls in flight) over gRPC and HTTP together."""
+        done, running = self.calls.completed, self.calls.in_flight
+        if self.http is not None:
+            done, running = done + self.http.completed, running + self.http.in_flight
+        return done, running
+
     async def _trim_when_idle(self) -> None:
         """After traffic stops, give the heap the burst left behind back to the OS."""
         if not memory.available():
             return
-        seen = trimmed_at = self.calls.completed
+        seen = trimmed_at = self._traffic()[0]
         while True:
             await asyncio.sleep(MEMORY_TRIM_SECONDS)
-            now = self.calls.completed
+            now, running = self._traffic()
             # Idle for a whole period (nothing finished, nothing running) after some traffic.
-            if now == seen != trimmed_at and self.calls.in_flight == 0:
+            if now == seen != trimmed_at and running == 0:
                 trimmed_at = now
                 await asyncio.to_thread(memory.trim)
             seen = now
