@@ -122,3 +122,26 @@ def test_console_detects_enrolls_and_matches(page, console_url, tmp_path):
     assert page.locator("#faces .match-name").first.inner_text() == "eileen"
     assert page.locator("#identities .identity").count() == 1
     _shot(page, "3-searched-again")
+
+
+def test_console_sends_the_typed_bearer_token(page, ir18_repository, tmp_path):
+    repository, name = ir18_repository
+    (tmp_path / "admins").write_text("console-admin-token-0123\n")
+    server = start_http_server(repository, name, admin_tokens_file=str(tmp_path / "admins"))
+    try:
+        page.goto(base_url(server) + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('UNAUTH')")
+        assert "missing credentials" in page.inner_text("#model")
+        page.fill("#token", "console-admin-token-0123")
+        page.dispatch_event("#token", "change")
+        page.wait_for_function("document.getElementById('model').textContent.includes('adaface')")
+        page.fill("#new-gallery-name", "locked")
+        page.click("#new-gallery button")
+        page.wait_for_function(
+            "document.getElementById('status').textContent.startsWith('created')"
+        )
+        assert page.inner_text("#status") == "created gallery locked"
+        assert page.input_value("#gallery") == "locked"
+        _shot(page, "4-with-token")
+    finally:
+        server.stop()
