@@ -1,4 +1,5 @@
 // AdaFace web console: plain browser JavaScript over the HTTP/JSON API (see /openapi.json).
+// Paths are relative, so the console also works behind a proxy that mounts it under a prefix.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -41,7 +42,7 @@ function el(tag, attrs, ...children) {
 
 async function loadInfo() {
   try {
-    const info = await api("GET", "/v1/info");
+    const info = await api("GET", "v1/info");
     $("model").textContent = `${info.model_name} (${info.arch}, ${info.embedding_dim}-d, ${info.backend})`;
   } catch (err) {
     $("model").textContent = String(err.message);
@@ -49,7 +50,7 @@ async function loadInfo() {
 }
 
 async function loadGalleries(select) {
-  const data = await api("GET", "/v1/galleries");
+  const data = await api("GET", "v1/galleries");
   const box = $("gallery");
   box.replaceChildren(el("option", { value: "", textContent: "(none)" }));
   for (const g of data.galleries) {
@@ -72,11 +73,11 @@ async function loadIdentities(more) {
   }
   const g = encodeURIComponent(state.gallery);
   const query = `page_size=50&page_token=${encodeURIComponent(state.identityToken)}`;
-  const data = await api("GET", `/v1/galleries/${g}/identities?${query}`);
+  const data = await api("GET", `v1/galleries/${g}/identities?${query}`);
   for (const identity of data.identities) {
     list.append(el("li", { className: "identity", textContent: `${identity.identity} · ${identity.sample_count} sample(s)` }));
   }
-  const info = await api("GET", `/v1/galleries/${g}`);
+  const info = await api("GET", `v1/galleries/${g}`);
   $("identity-count").textContent = `(${info.identity_count})`;
   state.identityToken = data.next_page_token;
   $("more-identities").hidden = !data.next_page_token;
@@ -95,7 +96,7 @@ async function detect(file) {
   form.append("options.selection", "FACE_SELECTION_ALL");
   form.append("options.return_aligned", "true");
   try {
-    const data = await api("POST", "/v1/detect", form);
+    const data = await api("POST", "v1/detect", form);
     const result = data.results[0];
     if (result.error) throw new Error(result.error.message);
     state.faces = result.faces;
@@ -144,7 +145,7 @@ async function search() {
   for (const ol of lists) ol.replaceChildren();
   if (!state.gallery || state.faces.length === 0) return;
   try {
-    const data = await api("POST", `/v1/galleries/${encodeURIComponent(state.gallery)}/search`,
+    const data = await api("POST", `v1/galleries/${encodeURIComponent(state.gallery)}/search`,
       { probes: state.faces.map(probe), top_k: 5 });
     data.results.forEach((result, i) => {
       const ol = lists[i];
@@ -167,7 +168,7 @@ async function enroll(i, name) {
   if (!name) return status("give the face a name", true);
   try {
     const g = encodeURIComponent(state.gallery);
-    const data = await api("POST", `/v1/galleries/${g}/enroll`,
+    const data = await api("POST", `v1/galleries/${g}/enroll`,
       { identity: name, samples: [probe(state.faces[i])], mode: "ENROLL_MODE_UPSERT" });
     status(`enrolled ${data.identity} (${data.sample_count} sample(s))`);
     await loadGalleries(state.gallery);
@@ -206,7 +207,7 @@ $("new-gallery").addEventListener("submit", async (event) => {
   event.preventDefault();
   const name = $("new-gallery-name").value.trim();
   try {
-    await api("POST", "/v1/galleries", { name });
+    await api("POST", "v1/galleries", { name });
     $("new-gallery-name").value = "";
     await loadGalleries(name);
     await loadIdentities();
