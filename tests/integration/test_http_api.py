@@ -256,6 +256,18 @@ def test_errors_carry_the_grpc_status_and_message(http_server, url, photo):
     assert reply.status == 400 and reply.body["error"]["code"] == "INVALID_ARGUMENT"
     assert reply.body["details"]["results"][0]["error"]["reason"] == "REASON_UNDECODABLE"
 
+    many = {"images": [{"encoded": _b64(b"x")}] * 65}
+    reply = request("POST", url + "/v1/embed", many)
+    assert reply.status == 400
+    assert reply.body["error"]["message"] == (
+        "images: at most 64 per request (max_images_per_request), got 65"
+    )
+    mixed = {"images": [_detect_image(photo), {"encoded": _b64(b"not an image")}]}
+    reply = request("POST", url + "/v1/embed", mixed)
+    assert reply.status == 200
+    assert "embedding" in reply.body["results"][0] and "error" not in reply.body["results"][0]
+    assert reply.body["results"][1]["error"]["reason"] == "REASON_UNDECODABLE"
+    assert reply.body["results"][1]["error"]["message"].startswith("images[1]")
     reply = request("POST", url + "/v1/embed", raw=b"{not json")
     assert reply.status == 400 and reply.body["error"]["message"].startswith("body:")
     reply = request("POST", url + "/v1/embed", {"imagez": []})
