@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import adaface_client.client as client_module
+import adaface_client.retry as retry_module
 from adaface.v1 import common_pb2
 from adaface_client import (
     AsyncClient,
@@ -217,7 +218,7 @@ def _count_backoffs(monkeypatch) -> list[int]:
         attempts.append(attempt)
         return 0.001
 
-    monkeypatch.setattr(client_module, "_backoff_delay", delay)
+    monkeypatch.setattr(retry_module, "backoff_delay", delay)
     return attempts
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import adaface_client.client as client_module
+import adaface_client.retry as retry_module
 from adaface_client import (
     AlreadyExists,
     AsyncClient,
@@ -155,7 +155,7 @@ def backoffs(monkeypatch) -> list[int]:
         seen.append(attempt)
         return 0.0
 
-    monkeypatch.setattr(client_module, "_backoff_delay", delay)
+    monkeypatch.setattr(retry_module, "backoff_delay", delay)
     return seen
 
 
