@@ -14,18 +14,20 @@ from adaface.v1 import embedder_pb2, embedder_pb2_grpc
 from adaface_client import retry
 from adaface_client.errors import from_rpc_error
 from adaface_client.inputs import AlignmentLike, ImageLike, LandmarksLike, _prepared
-from adaface_client.options import _CHANNEL_OPTIONS, _check_args
+from adaface_client.options import _CHANNEL_OPTIONS, DetectionOptions, _check_args
 from adaface_client.requests import (
     _assemble,
+    _detect_request,
     _finish_embed,
     _Job,
     _jobs,
     _max_images,
+    _parse_detect,
     _parse_response,
     _recover,
     _request,
 )
-from adaface_client.results import ImageResult, ServerInfo
+from adaface_client.results import DetectResult, ImageResult, ServerInfo
 from adaface_client.transport import open_aio_channel
 
 __all__ = ["AsyncClient"]
@@ -96,6 +98,19 @@ class AsyncClient:
     async def _cached_info(self) -> ServerInfo:
         return self._info if self._info is not None else await self.info()
 
+    async def detect(
+        self, images: Iterable[ImageLike], detection: DetectionOptions | None = None
+    ) -> list[DetectResult]:
+        """Face detection only: boxes, scores, landmarks (and crops) per image, in order."""
+        options = (detection or DetectionOptions()).to_proto()
+        prepared = _prepared(images, None, "detect")
+        info = await self._cached_info()
+        out: list[DetectResult] = []
+        for job in _jobs(prepared, _max_images(info, self.batch_size)):
+            resp = await self._call(self._stub.Detect, _detect_request(job, options))
+            out.extend(_parse_detect(resp, job))
+        return out
+
     async def embed(
         self,
         images: Iterable[ImageLike],
@@ -103,13 +118,15 @@ class AsyncClient:
         alignment: AlignmentLike | Sequence[AlignmentLike] = None,
         landmarks: Iterable[LandmarksLike] | None = None,
         flip: bool | None = None,
+        detection: DetectionOptions | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Embed images; returns (embeddings float32 [N,D], norms float32 [N,1]) in input order.
 
-        Raises ImageErrors (with the partial results) when any image failed.
+        Photos by default (the server detects the best face); alignment="aligned" for
+        112x112 crops. Raises ImageErrors (with the partial results) when any image failed.
         """
         results = await self.embed_results(
-            images, alignment=alignment, landmarks=landmarks, flip=flip
+            images, alignment=alignment, landmarks=landmarks, flip=flip, detection=detection
         )
         return _finish_embed(results, (await self._cached_info()).embedding_dim)
 
@@ -121,10 +138,15 @@ class AsyncClient:
         landmarks: Iterable[LandmarksLike] | None = None,
         flip: bool | None = None,
         progress: Callable[[int], None] | None = None,
+        detection: DetectionOptions | None = None,
     ) -> list[ImageResult]:
-        """Embed images; one ImageResult per image in input order, failures included."""
+        """Embed images; one ImageResult per image in input order, failures included.
+
+        `detection` applies to images sent with alignment "detect" (the default)."""
         use_flip = self.flip if flip is None else flip
         prepared = _prepared(images, landmarks, alignment)
+        if detection is not None:
+            detection.to_proto()  # a bad selection fails before any request goes out
         info = await self._cached_info()
         jobs = _jobs(prepared, _max_images(info, self.batch_size))
         if self._semaphore is None:
@@ -135,7 +157,8 @@ class AsyncClient:
             while True:
                 try:
                     async with self._semaphore:  # type: ignore[union-attr]
-                        resp = await self._stub.Embed(_request(job, use_flip), timeout=self.timeout)
+                        request = _request(job, use_flip, detection)
+                        resp = await self._stub.Embed(request, timeout=self.timeout)
                 except grpc.RpcError as e:
                     code = e.code()
                     if code in retry._RETRYABLE and job.attempt < self.retries:

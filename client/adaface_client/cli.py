@@ -127,6 +127,32 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key (--tls-cert)")
 
 
+def add_detection_args(p: argparse.ArgumentParser) -> None:
+    """The face-detection flags every image-taking CLI shares (see detection_options)."""
+    p.add_argument(
+        "--aligned",
+        action="store_true",
+        help="the images are pre-aligned 112x112 crops (default: the server detects the "
+        "best face of each photo with MTCNN and aligns it)",
+    )
+    p.add_argument(
+        "--min-face-size",
+        type=float,
+        default=0.0,
+        help="detection: smallest face in pixels (default: the server's, 20)",
+    )
+
+
+def detection_options(args: argparse.Namespace) -> tuple[str, DetectionOptions]:
+    """The alignment for plain images and the DetectionOptions from add_detection_args."""
+    if args.min_face_size < 0:
+        raise UsageError(f"--min-face-size must be >= 0, got {args.min_face_size}")
+    return (
+        "aligned" if args.aligned else "detect",
+        DetectionOptions(min_face_size=args.min_face_size),
+    )
+
+
 def connection_options(
     args: argparse.Namespace, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -173,12 +199,27 @@ def describe_rpc_failure(server: str, error: AdafaceError) -> str:
 
 def find_images(root: Path) -> list[str]:
     """Relative POSIX paths of the images under `root`, recursively, sorted."""
-    found = []
+    return find_files(root)[0]
+
+
+def find_files(root: Path) -> tuple[list[str], list[str]]:
+    """(images, other files) under `root` as sorted relative POSIX paths, recursively."""
+    images, others = [], []
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                found.append((Path(dirpath) / name).relative_to(root).as_posix())
-    return sorted(found)
+            rel = (Path(dirpath) / name).relative_to(root).as_posix()
+            (images if Path(name).suffix.lower() in IMAGE_SUFFIXES else others).append(rel)
+    return sorted(images), sorted(others)
+
+
+def describe_skipped(others: Sequence[str], shown: int = 10) -> str:
+    """One line naming the non-image files that were left out (the first `shown` of them)."""
+    names = ", ".join(others[:shown]) + (
+        f", ... {len(others) - shown} more" if len(others) > shown else ""
+    )
+    kinds = ", ".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
+    noun = "file" if len(others) == 1 else "files"
+    return f"skipped {len(others)} non-image {noun} (not {kinds}): {names}"
 
 
 def _landmark_values(values: Sequence[Any], where: str) -> list[float]:
@@ -255,18 +296,7 @@ def _parser() -> argparse.ArgumentParser:
         help="JSON {relative path: [x1,y1,...,x5,y5]} or CSV path,x1,...,y5; listed images "
         "are aligned with these landmarks, the others as usual (detected, or --aligned)",
     )
-    p.add_argument(
-        "--aligned",
-        action="store_true",
-        help="the photos are pre-aligned 112x112 crops (default: the server detects the "
-        "best face of each photo with MTCNN and aligns it)",
-    )
-    p.add_argument(
-        "--min-face-size",
-        type=float,
-        default=0.0,
-        help="detection: smallest face in pixels (default: the server's, 20)",
-    )
+    add_detection_args(p)
     p.add_argument(
         "--concurrency", type=int, default=4, help="requests in flight (default %(default)s)"
     )
@@ -340,7 +370,9 @@ def _run(args: argparse.Namespace) -> int:
     landmarks = load_landmarks(args.landmarks) if args.landmarks else {}
     connection = connection_options(args)
 
-    paths = find_images(root)
+    paths, others = find_files(root)
+    if others:
+        print(f"adaface-embed: {describe_skipped(others)}", file=sys.stderr)
     if not paths:
         raise UsageError(f"no images (jpg, jpeg, png, webp, bmp) under {root}")
     unknown = sorted(set(landmarks) - set(paths))
@@ -355,7 +387,7 @@ def _run(args: argparse.Namespace) -> int:
     sent_labels: list[str] = []
     pending_marks: deque[list[float] | None] = deque()
     pending_modes: deque[str] = deque()
-    plain_mode = "aligned" if args.aligned else "detect"
+    plain_mode, detection = detection_options(args)
 
     def images() -> Iterator[bytes]:
         # Files are read only as requests go out; unreadable ones fail locally.
@@ -408,7 +440,7 @@ def _run(args: argparse.Namespace) -> int:
                 landmarks=marks(),
                 alignment=modes(),
                 progress=progress.update,
-                detection=DetectionOptions(min_face_size=args.min_face_size),
+                detection=detection,
             )
     except AdafaceError as e:
         progress.close()

@@ -187,12 +187,17 @@ class Client(_SyncChannel):
         alignment: AlignmentLike | Sequence[AlignmentLike] = None,
         landmarks: Iterable[LandmarksLike] | None = None,
         flip: bool | None = None,
+        detection: DetectionOptions | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Embed images; returns (embeddings float32 [N,D], norms float32 [N,1]) in input order.
 
-        Raises ImageErrors (with the partial results) when any image failed.
+        An image without landmarks is a photo: the server detects and aligns its best face.
+        Pass alignment="aligned" for pre-aligned 112x112 crops. Raises ImageErrors (with the
+        partial results) when any image failed.
         """
-        results = self.embed_results(images, alignment=alignment, landmarks=landmarks, flip=flip)
+        results = self.embed_results(
+            images, alignment=alignment, landmarks=landmarks, flip=flip, detection=detection
+        )
         return _finish_embed(results, self._cached_info().embedding_dim)
 
     def embed_results(

@@ -99,9 +99,8 @@ def _alignment_and_points(
     points = _parse_landmarks(landmarks)
     mode = _parse_alignment(alignment)
     if mode is None:
-        mode = (
-            common_pb2.ALIGNMENT_LANDMARKS if points is not None else common_pb2.ALIGNMENT_ALIGNED
-        )
+        # A plain image is a photo: the server detects its best face. Crops say "aligned".
+        mode = common_pb2.ALIGNMENT_LANDMARKS if points is not None else common_pb2.ALIGNMENT_DETECT
     if mode == common_pb2.ALIGNMENT_LANDMARKS and points is None:
         raise ValueError("alignment LANDMARKS needs landmarks for the image")
     if points is not None and mode not in (
@@ -121,7 +120,8 @@ def make_image_input(
     """Convert one image (path, encoded bytes, PIL image, HxWx3 uint8 RGB array) to ImageInput.
 
     Paths are read and sent as-is; PIL images and arrays go as exact RGB pixels. Alignment
-    defaults to LANDMARKS when landmarks are given, ALIGNED otherwise. Raises TypeError for
+    defaults to LANDMARKS when landmarks are given, DETECT otherwise (a photo: the server
+    finds its best face); pre-aligned 112x112 crops need alignment="aligned". Raises TypeError for
     an unsupported type, ValueError for a bad shape, size or combination.
     """
     if isinstance(image, common_pb2.ImageInput):

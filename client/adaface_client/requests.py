@@ -118,12 +118,17 @@ def _max_images(info: ServerInfo, batch_size: int | None) -> int:
 def _request(
     job: _Job, flip: bool, detection: DetectionOptions | None = None
 ) -> embedder_pb2.EmbedRequest:
+    return embedder_pb2.EmbedRequest(
+        request_id=uuid.uuid4().hex, images=job.inputs, options=_embed_options(flip, detection)
+    )
+
+
+def _embed_options(flip: bool, detection: DetectionOptions | None) -> embedder_pb2.EmbedOptions:
+    """The options every image-taking RPC shares (Embed and the gallery's)."""
     options = embedder_pb2.EmbedOptions(flip_fusion=flip)
     if detection is not None:
         options.detection.CopyFrom(detection.to_proto())
-    return embedder_pb2.EmbedRequest(
-        request_id=uuid.uuid4().hex, images=job.inputs, options=options
-    )
+    return options
 
 
 def _finish_embed(results: list[ImageResult], dim: int) -> tuple[np.ndarray, np.ndarray]:

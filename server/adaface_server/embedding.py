@@ -215,7 +215,8 @@ class EmbeddingService:
     def _no_detector(self, field: str) -> Unimplemented:
         return Unimplemented(
             f"{field}: ALIGNMENT_DETECT needs a face detector, which this server does not "
-            "run (--detector none); send aligned 112x112 crops or 5 landmarks"
+            'run (--detector none): send 112x112 crops with alignment="aligned" '
+            "(CLI --aligned) or 5 landmarks, or start the server with a detector"
         )
 
     async def embed(
