@@ -127,12 +127,11 @@ class EmbeddingService:
                 await asyncio.sleep(self.settings.load_retry_seconds)
         spec = self.backend.spec
         if spec.untrained:
-            for _ in range(3):
-                log.warning(
-                    "MODEL %s HAS RANDOM, UNTRAINED WEIGHTS: its embeddings are meaningless. "
-                    "Export a real AdaFace checkpoint (make serve CKPT=... ARCH=...).",
-                    spec.name,
-                )
+            log.warning(
+                "MODEL %s HAS RANDOM, UNTRAINED WEIGHTS: its embeddings are meaningless. "
+                "Export a real AdaFace checkpoint (make serve CKPT=... ARCH=...).",
+                spec.name,
+            )
         if self.backend.needs_batching:
             self._batcher = DynamicBatcher(
                 self._timed_infer,
