@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import re
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+from tqdm import tqdm
 
 from adaface_client.client import (
     AdafaceError,
@@ -43,53 +43,27 @@ class UsageError(Exception):
 
 
 class Progress:
-    """A one-line stderr progress bar: count, rate and ETA, redrawn at most 10 times a second."""
+    """A one-line stderr progress bar (tqdm): count, rate and ETA; nothing when disabled."""
 
     def __init__(self, total: int, stream: TextIO, enabled: bool) -> None:
         self.total = total
-        self.stream = stream
-        self.enabled = enabled
         self.done = 0
-        self._start = time.monotonic()
-        self._last_draw = 0.0
-        self._drawn = -1
+        self._bar = tqdm(
+            total=total,
+            file=stream,
+            disable=not enabled,
+            unit="img",
+            mininterval=0.1,
+            dynamic_ncols=True,
+            bar_format="{bar:24} {n_fmt}/{total_fmt} {rate_fmt} ETA {remaining} elapsed {elapsed}",
+        )
 
     def update(self, n: int) -> None:
         self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self._last_draw >= 0.1 or self.done >= self.total):
-            self._last_draw = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        self._drawn = self.done
-        elapsed = max(now - self._start, 1e-9)
-        rate = self.done / elapsed
-        remaining = (self.total - self.done) / rate if rate > 0 else math.inf
-        width = 24
-        filled = int(width * self.done / self.total) if self.total else width
-        bar = "#" * filled + "." * (width - filled)
-        self.stream.write(
-            f"\r[{bar}] {self.done}/{self.total} {rate:6.1f} img/s "
-            f"ETA {_clock(remaining)} elapsed {_clock(elapsed)} "
-        )
-        self.stream.flush()
+        self._bar.update(n)
 
     def close(self) -> None:
-        if self.enabled:
-            if self._drawn != self.done:
-                self._draw(time.monotonic())
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "--:--"
-    seconds = int(seconds + 0.5)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+        self._bar.close()
 
 
 class _RefuseTokenValue(argparse.Action):
