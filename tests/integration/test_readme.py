@@ -38,6 +38,9 @@ NOT_RUN = {
     ),
     "needs a running Triton server": "Triton is tested in tests/integration/test_triton.py",
     "needs Docker": "no Docker engine on CI; tests/unit/test_docker_files.py checks the files",
+    # Installing would replace the editable install of the venv the tests run in.
+    "installs packages; tests/integration/test_client_package.py installs the wheel into a "
+    "fresh venv": "tested there, in a venv of its own",
 }
 
 _FENCE = re.compile(r"^```(\w*)\s*$")
