@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,6 @@ from PIL import Image
 
 from .gallery_support import REPO
 
-CLIENT = REPO / "client"
 CONSTRAINTS = REPO / "constraints.txt"
 
 
@@ -35,10 +35,13 @@ def _pip(python: Path, *args: str, timeout: float = 900) -> None:
 def client_venv(tmp_path_factory) -> Path:
     """A fresh venv holding only the client wheel and its dependencies (one per session)."""
     root = tmp_path_factory.mktemp("client_package")
+    # Built from a copy (client/ and the protos/ it packages), so no build/ is left in the
+    # checkout; dependencies come from pip's cache or its index, pinned like every install.
+    junk = shutil.ignore_patterns("__pycache__", "build", "*.egg-info")
+    for part in ("client", "protos"):
+        shutil.copytree(REPO / part, root / "src" / part, ignore=junk)
     wheels = root / "wheels"
-    # The wheel is built by the running venv's pip; dependencies come from pip's cache or
-    # its index, pinned like every other install of this repository.
-    _pip(Path(sys.executable), "wheel", "--no-deps", "-w", str(wheels), str(CLIENT))
+    _pip(Path(sys.executable), "wheel", "--no-deps", "-w", str(wheels), str(root / "src/client"))
     (wheel,) = wheels.glob("adaface_client-*.whl")
     env_dir = root / "venv"
     venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
