@@ -20,10 +20,14 @@ SERVE_ARGS ?= --max-batch-size 8
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml client/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	# Two distributions: adaface-client (client/: stubs, library, CLIs; no torch) and the server.
+	# An adaface-serving from before the split owns the client's scripts: removed first, or its
+	# uninstall would delete them again.
+	$(PIP) uninstall -q -y adaface-serving
+	$(PIP) install -q -c constraints.txt -e ./client -e '.[dev]'
 	# Tests and benchmarks run its bundled tritonserver binary; its own pins would clash.
 	$(PIP) install -q --no-deps -c constraints.txt nvidia-pytriton
 	$(PY) -m adaface_server.preprocess.mtcnn_weights --dest $(MTCNN_WEIGHTS)

@@ -186,7 +186,8 @@ class GraphSampler(torch.utils.data.Sampler[int]):
     at ``os.path.join(img_path, path)`` embedded by the served model, or, when `features` is
     given, ``features(dataset_indices) -> [N, D]`` array or tensor (e.g. from the model being
     trained, as in the seed). Each identity's samples are read by a circular pointer that
-    survives epochs. `credentials` and `token` as for Client.
+    survives epochs. `alignment` defaults to "aligned": training sets are aligned 112x112
+    crops (pass "detect" for photos). `credentials` and `token` as for Client.
 
     Randomness is explicit: prototypes come from ``np.random.default_rng([seed, epoch, 1])``
     and the server's shuffles from (seed, epoch); ``set_epoch(e)`` picks the epoch (as
@@ -205,7 +206,7 @@ class GraphSampler(torch.utils.data.Sampler[int]):
         features: Callable[[np.ndarray], np.ndarray] | None = None,
         seed: int = 0,
         flip: bool = False,
-        alignment: AlignmentLike = None,
+        alignment: AlignmentLike = "aligned",
         timeout: float = 600.0,
         retries: int = 4,
         credentials: grpc.ChannelCredentials | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -103,6 +104,8 @@ class App:
     async def start(self) -> int:
         address = f"{self.settings.host}:{self.settings.port}"
         try:
+            if _port_taken(self.settings.host, self.settings.port):
+                raise RuntimeError(address)  # gRPC would log its own line on top of ours
             if self._credentials is None:
                 self.port = self.server.add_insecure_port(address)
             else:
@@ -111,7 +114,10 @@ class App:
             self.port = 0
         if self.port == 0:
             hint = " or the TLS key does not match its certificate" if self._credentials else ""
-            raise StartupError(f"cannot listen on {address}: the port is in use{hint}")
+            raise StartupError(
+                f"cannot listen on {address}: the port is in use{hint}; if another "
+                "adaface-server holds it, pick another port with --port (ADAFACE_PORT)"
+            )
         settings = self.settings
         self.metrics_port = self.metrics.serve(settings.metrics_host, settings.metrics_port)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -234,3 +240,24 @@ def _transport(settings: Settings) -> str:
     if not settings.tls_certificate:
         return "plaintext"
     return "mutual TLS" if settings.tls_client_ca else "TLS"
+
+
+def _port_taken(host: str, port: int) -> bool:
+    """True when something already listens on host:port (checked the way gRPC binds)."""
+    if port == 0:
+        return False
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        return False  # gRPC reports an unresolvable host itself
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
