@@ -181,6 +181,23 @@ class Settings:
     gallery_max_import_bytes: int = field(
         default=8 * 1024**3, metadata={"help": "largest Gallery.Import upload, bytes"}
     )
+    # Several processes and replicas on one gallery store.
+    gallery_url: str = field(
+        default="",
+        metadata={
+            "help": "PostgreSQL gallery store, postgresql://user@host:5432/db (replaces "
+            "--gallery-path; the password comes from PGPASSWORD, PGPASSFILE or "
+            "--gallery-password-file, never from this URL's flag)"
+        },
+    )
+    gallery_password_file: str = field(
+        default="",
+        metadata={"help": "file holding the PostgreSQL password (first line); empty: libpq's"},
+    )
+    gallery_log_keep: int = field(
+        default=100_000,
+        metadata={"help": "gallery change-log entries kept; older ones are trimmed (0: never)"},
+    )
     verify_threshold: float = field(
         default=0.3,
         metadata={"help": "Gallery.Verify default decision threshold on cosine (tune per model)"},

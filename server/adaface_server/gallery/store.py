@@ -1,9 +1,13 @@
-"""SQLite gallery store (WAL, synchronous=FULL): the source of truth, with group commit."""
+"""SQLite gallery store (WAL, synchronous=FULL): the source of truth, with group commit.
+
+Several server processes may open one file: SQLite serialises their write transactions
+(BEGIN IMMEDIATE waits up to the busy timeout), and each process follows the others'
+writes through the change log (see changelog.py).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -20,11 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FailedPrecondition, Internal, ResourceExhausted, ServiceError, Unavailable
+from ..errors import (
+    FailedPrecondition,
+    Internal,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS galleries (
@@ -54,8 +64,18 @@ CREATE TABLE IF NOT EXISTS samples (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS samples_by_identity ON samples (identity_id);
-CREATE INDEX IF NOT EXISTS samples_by_gallery ON samples (gallery_id, sample_id);
+CREATE INDEX IF NOT EXISTS samples_by_gallery ON samples (gallery_id, sample_id)
 """
+# Schema version -> the statements that bring the previous version to it.
+_MIGRATIONS: dict[int, list[str]] = {
+    2: [
+        "CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+        "gallery_id INTEGER NOT NULL, kind TEXT NOT NULL, payload TEXT NOT NULL, "
+        "created_at REAL NOT NULL)"
+    ],
+}
+# How long (s) an idle process waits between looks at the change log.
+POLL_SECONDS = 0.05
 # Writes waiting when the writer wakes up are committed together: one fsync for all.
 MAX_GROUP = 256
 # How long (ms) the close-time checkpoint waits for a lingering reader before giving up.
@@ -184,10 +204,12 @@ class Store:
     full, I/O errors) become ServiceErrors (see storage_error): at COMMIT they fail every
     write of the transaction; one that makes SQLite drop the transaction mid-write fails
     that write alone and its neighbours run again. The writer thread outlives them all. A
-    write whose future was cancelled before the writer took it is never run. A lock file
-    keeps a second server process from opening the same store: its in-memory indexes
-    would silently diverge.
+    write whose future was cancelled before the writer took it is never run. Other
+    processes may write the same file: their changes reach this one's memory through the
+    change log.
     """
+
+    description = "SQLite"
 
     def __init__(self, path: Path) -> None:
         self.path = Path(os.path.expanduser(str(path)))
@@ -198,37 +220,15 @@ class Store:
         # Guards the queue's end: nothing may be queued behind the writer's stop sentinel.
         self._submit_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._lock_fd: int | None = None
+        self._wake = threading.Event()
         self._conn: sqlite3.Connection | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise FailedPrecondition(
-                f"gallery store {self.path} is in use by another server (lock {self.path}.lock);"
-                " give each server its own --gallery-path"
-            ) from None
-        self._lock_fd = fd
         self._conn = self._connect()
-        self._conn.executescript(_SCHEMA)
-        self._conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-            (SCHEMA_VERSION,),
-        )
-        version = self._conn.execute(
-            "SELECT value FROM meta WHERE key = 'schema_version'"
-        ).fetchone()[0]
-        if version != SCHEMA_VERSION:
-            raise FailedPrecondition(
-                f"gallery store {self.path} has schema {version}, this server reads "
-                f"{SCHEMA_VERSION}"
-            )
+        migrate(self._conn, str(self.path))
         self._thread = threading.Thread(target=self._write_loop, name="gallery-writer", daemon=True)
         self._thread.start()
 
@@ -257,9 +257,6 @@ class Store:
             self._checkpoint(self._conn)
             self._conn.close()
             self._conn = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
         """Copies the WAL into the main file and empties it: after a clean stop the
@@ -297,6 +294,25 @@ class Store:
     def connect(self) -> sqlite3.Connection:
         """A private connection (e.g. for a long export); the caller closes it."""
         return self._connect()
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """This thread's reader inside one read transaction: a consistent view."""
+        conn = self.reader()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT" if conn.in_transaction else "SELECT 1")
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Returns when the store may have changed: SQLite has no notifications, so after
+        a short poll interval (the caller's catch-up query is one index lookup)."""
+        self._wake.wait(min(timeout, POLL_SECONDS))
+        self._wake.clear()
+
+    def wake(self) -> None:
+        self._wake.set()
 
     # -- writes ------------------------------------------------------------------------
 
@@ -436,6 +452,35 @@ class Store:
                 future.set_exception(type(error)(*error.args))
 
 
+def migrate(conn: Any, where: str) -> None:
+    """Creates or upgrades the schema in one write transaction (safe when several
+    processes start at once); refuses a store written by a newer server."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA.split(";"):
+            conn.execute(statement)
+        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1')")
+        version = int(
+            conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        )
+        if version > SCHEMA_VERSION:
+            raise FailedPrecondition(
+                f"gallery store {where} has schema version {version}, newer than this "
+                f"server knows ({SCHEMA_VERSION}); run a newer server"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[target]:
+                conn.execute(statement)
+            log.info("gallery store %s: schema migrated to version %d", where, target)
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 # -- SQL helpers (run inside a write op or on a reader connection) ------------------------
 
 
@@ -456,12 +501,41 @@ def insert_gallery(
     metadata: dict[str, str],
 ) -> GalleryRow:
     now = time.time()
-    cur = conn.execute(
+    rows = conn.execute(
         "INSERT INTO galleries (name, model_checksum, model_name, dim, metadata, created_at) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
+        "VALUES (?, ?, ?, ?, ?, ?) RETURNING gallery_id",
         (name, model_checksum, model_name, dim, json.dumps(metadata), now),
-    )
-    return GalleryRow(cur.lastrowid, name, model_checksum, model_name, dim, metadata, now)
+    ).fetchall()
+    return GalleryRow(rows[0][0], name, model_checksum, model_name, dim, metadata, now)
+
+
+def gallery_row(conn: Any, gallery_id: int) -> GalleryRow | None:
+    r = conn.execute(
+        "SELECT gallery_id, name, model_checksum, model_name, dim, metadata, created_at "
+        "FROM galleries WHERE gallery_id = ?",
+        (gallery_id,),
+    ).fetchone()
+    return None if r is None else GalleryRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6])
+
+
+def samples_by_id(
+    conn: Any, gallery_id: int, sample_ids: list[int], dim: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample ids, identity ids, vectors [m, dim]) of those ids still stored, id order."""
+    rows: list = []
+    for start in range(0, len(sample_ids), 500):
+        part = sample_ids[start : start + 500]
+        marks = ",".join("?" * len(part))
+        rows += conn.execute(
+            f"SELECT sample_id, identity_id, vector FROM samples WHERE gallery_id = ? "
+            f"AND sample_id IN ({marks}) ORDER BY sample_id",
+            (gallery_id, *part),
+        ).fetchall()
+    rows.sort(key=lambda r: r[0])
+    ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+    owners = np.fromiter((r[1] for r in rows), np.int64, len(rows))
+    vectors = np.frombuffer(b"".join(bytes(r[2]) for r in rows), "<f4").reshape(len(rows), dim)
+    return ids, owners, vectors.astype(np.float32)
 
 
 def gallery_exists(conn: sqlite3.Connection, gallery_id: int) -> bool:
@@ -479,7 +553,8 @@ def gallery_id_of(conn: sqlite3.Connection, name: str) -> int | None:
 def gallery_counts(conn: sqlite3.Connection, gallery_id: int) -> tuple[int, int, int]:
     """(identities, identities with samples, samples)."""
     ident, live, samples = conn.execute(
-        "SELECT COUNT(*), COALESCE(SUM(sample_count > 0), 0), COALESCE(SUM(sample_count), 0) "
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN sample_count > 0 THEN 1 ELSE 0 END), 0), "
+        "COALESCE(SUM(sample_count), 0) "
         "FROM identities WHERE gallery_id = ?",
         (gallery_id,),
     ).fetchone()
@@ -511,11 +586,12 @@ def insert_identity(
     metadata: dict[str, str],
     created_at: float | None = None,
 ) -> int:
-    cur = conn.execute(
-        "INSERT INTO identities (gallery_id, name, metadata, created_at) VALUES (?, ?, ?, ?)",
+    rows = conn.execute(
+        "INSERT INTO identities (gallery_id, name, metadata, created_at) VALUES (?, ?, ?, ?) "
+        "RETURNING identity_id",
         (gallery_id, name, json.dumps(metadata), created_at or time.time()),
-    )
-    return cur.lastrowid
+    ).fetchall()
+    return rows[0][0]
 
 
 def set_identity_metadata(conn: sqlite3.Connection, identity_id: int, metadata: dict) -> None:
