@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +13,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adaface.v1 import gallery_pb2, gallery_pb2_grpc
 
+from .conftest import POSTGRES_PASSWORD
 from .gallery_support import (
     free_port,
     rpc_error,
@@ -52,6 +55,7 @@ class Cluster:
     env: dict[str, str]
     tmp: Path
     nodes: list[Node] = field(default_factory=list)
+    kind: str = "sqlite"
 
     def start(self, count: int = 1) -> list[Node]:
         started = []
@@ -79,18 +83,38 @@ class Cluster:
                 node.proc.kill()  # type: ignore[attr-defined]
 
 
-@pytest.fixture(scope="module", params=["sqlite"])
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def cluster(request, ir18_repository, tmp_path_factory) -> Iterator[Cluster]:
     repository, model = ir18_repository
     tmp = tmp_path_factory.mktemp(f"shared-{request.param}")
-    store_args = ["--gallery-path", str(tmp / "shared.sqlite3")]
     env: dict[str, str] = {}
+    if request.param == "sqlite":
+        store_args = ["--gallery-path", str(tmp / "shared.sqlite3")]
+    else:
+        pg = request.getfixturevalue("postgres")
+        database = f"shared{os.getpid()}"
+        create_database(pg, database)
+        password_file = tmp / "pgpass"
+        password_file.write_text(POSTGRES_PASSWORD + "\n")
+        url = pg.url.rsplit("/", 1)[0] + "/" + database
+        # The password from a file here; the outage test's extra process uses PGPASSWORD.
+        store_args = ["--gallery-url", url, "--gallery-password-file", str(password_file)]
     c = Cluster(repository, model, store_args, env, tmp)
+    c.kind = request.param
     try:
         c.start(3)
         yield c
     finally:
         c.stop()
+    for node in c.nodes:  # the password never reaches a log
+        assert POSTGRES_PASSWORD not in node.log.read_text(errors="replace")
+
+
+def create_database(pg, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(pg.url, password=pg.password, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
 
 
 def enroll(node: Node, gallery: str, identity: str, vectors: np.ndarray, mode=None):
@@ -250,3 +274,65 @@ def test_a_gallery_deleted_through_one_process_disappears_from_the_others(cluste
     # The name is free again, through any process.
     c.stub.CreateGallery(gallery_pb2.CreateGalleryRequest(name="gone"), timeout=30)
     assert a.stub.GetGallery(gallery_pb2.GetGalleryRequest(name="gone")).identity_count == 0
+
+
+@pytest.mark.parametrize("cluster", ["postgres"], indirect=True)
+def test_postgres_stopped_under_load_is_unavailable_then_recovers(cluster, postgres):
+    a, b, c = cluster.nodes[:3]
+    a.stub.CreateGallery(gallery_pb2.CreateGalleryRequest(name="outage"), timeout=30)
+    enroll(b, "outage", "before", unit_vectors(1, 21))
+    postgres.stop("fast")
+    postgres.wait_down()
+    try:
+        for i, node in enumerate((a, b, c)):
+            err = rpc_error(
+                node.stub.Enroll,
+                gallery_pb2.EnrollRequest(
+                    gallery="outage",
+                    identity=f"down{i}",
+                    samples=[vector_sample(unit_vectors(1, 30 + i)[0])],
+                ),
+            )
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+            assert f"127.0.0.1:{postgres.port}" in err.details()
+            assert POSTGRES_PASSWORD not in err.details()
+            probe = vector_sample(unit_vectors(1, 21)[0])
+            err = rpc_error(
+                node.stub.Search, gallery_pb2.SearchRequest(gallery="outage", probes=[probe])
+            )
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+            assert f"127.0.0.1:{postgres.port}" in err.details()
+            # Health stays SERVING: embedding works without the database.
+            health = health_pb2_grpc.HealthStub(node.channel)
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        postgres.start()
+    # Recovery without a restart: the first calls may still meet a dead pooled connection.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            enroll(c, "outage", "after", unit_vectors(1, 22))
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+            assert time.monotonic() < deadline, exc.details()
+            time.sleep(0.5)
+    for node in (a, b):
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert top_identity(node, "outage", unit_vectors(1, 22)[0]) == "after"
+                assert top_identity(node, "outage", unit_vectors(1, 21)[0]) == "before"
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                assert time.monotonic() < deadline, exc.details()
+                time.sleep(0.5)
+    # Nothing written while down.
+    for i in range(3):
+        err = rpc_error(
+            a.stub.GetIdentity,
+            gallery_pb2.GetIdentityRequest(gallery="outage", identity=f"down{i}"),
+        )
+        assert err.code() == grpc.StatusCode.NOT_FOUND

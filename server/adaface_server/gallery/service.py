@@ -445,13 +445,15 @@ class GalleryService:
         g = await self._synced(gallery)
 
         def read():
-            conn = self.store.reader()
-            found = db.find_identity(conn, g.row.gallery_id, identity)
-            if found is None:
-                raise NotFound(f"identity {shown(identity)} not found in gallery {shown(gallery)}")
-            return found, db.identity_samples(
-                conn, found.identity_id, g.row.dim, with_vectors=include_vectors
-            )
+            with self.store.snapshot() as conn:
+                found = db.find_identity(conn, g.row.gallery_id, identity)
+                if found is None:
+                    raise NotFound(
+                        f"identity {shown(identity)} not found in gallery {shown(gallery)}"
+                    )
+                return found, db.identity_samples(
+                    conn, found.identity_id, g.row.dim, with_vectors=include_vectors
+                )
 
         return await self._read(read)
 
@@ -465,7 +467,8 @@ class GalleryService:
         after = decode_page_token(page_token)
 
         def read():
-            return db.list_identities(self.store.reader(), g.row.gallery_id, after, size + 1)
+            with self.store.snapshot() as conn:
+                return db.list_identities(conn, g.row.gallery_id, after, size + 1)
 
         rows = await self._read(read)
         token = encode_page_token(rows[size - 1].name) if len(rows) > size else ""

@@ -356,6 +356,17 @@ class Store:
             self._conn = self._connect()  # the last one broke (see _rollback)
         return self._conn
 
+    def _begin(self, conn: Any) -> None:
+        # IMMEDIATE: take the write lock now (waiting up to busy_timeout for another
+        # process's transaction), so change-log seqs follow commit order.
+        conn.execute("BEGIN IMMEDIATE")
+
+    def _before_commit(self, conn: Any) -> None:
+        """Hook run inside the transaction just before COMMIT."""
+
+    def _storage_error(self, exc: BaseException) -> ServiceError | None:
+        return storage_error(exc, self.path)
+
     def _commit_group(self, group: list[tuple[Op, Future]]) -> None:
         # A write whose failure made SQLite drop the whole transaction (it may on FULL or
         # IOERR, e.g. a big import spilling to a full disk) fails alone: its neighbours run
@@ -373,13 +384,14 @@ class Store:
         conn: sqlite3.Connection | None = None
         try:
             conn = self._writer()
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
             for i, (op, _) in enumerate(group):
                 try:
                     outcomes.append(self._run_op(conn, op))
                 except _TransactionLost as lost:
                     lost.index = i
                     raise
+            self._before_commit(conn)
             conn.execute("COMMIT")
         except _TransactionLost:
             if conn is not None:
@@ -413,7 +425,7 @@ class Store:
         try:
             result, after = op(conn)
         except Exception as exc:
-            mapped = storage_error(exc, self.path)
+            mapped = self._storage_error(exc)
             if mapped is not None:
                 log.error("gallery store %s: a write failed: %s", self.path, exc)
             if not conn.in_transaction:
@@ -425,7 +437,7 @@ class Store:
         return True, result, after
 
     def _group_error(self, exc: Exception, count: int) -> ServiceError:
-        mapped = storage_error(exc, self.path)
+        mapped = self._storage_error(exc)
         if mapped is not None:
             # An expected operational condition: one line, no traceback.
             log.error("gallery store %s: %d writes rolled back: %s", self.path, count, exc)
@@ -602,7 +614,7 @@ def set_identity_metadata(conn: sqlite3.Connection, identity_id: int, metadata: 
 
 
 def insert_samples(
-    conn: sqlite3.Connection,
+    conn: Any,
     gallery_id: int,
     identity_id: int,
     vectors: np.ndarray,
@@ -611,69 +623,73 @@ def insert_samples(
     """Inserts unit float32 vectors; returns their sample ids (increasing)."""
     now = time.time()
     blobs = np.ascontiguousarray(vectors, dtype="<f4")
-    first = _next_id(conn, "samples")
+    ids = reserve_ids(conn, "samples", len(blobs))
     conn.executemany(
-        "INSERT INTO samples (identity_id, gallery_id, vector, norm, created_at) "
-        "VALUES (?, ?, ?, ?, ?)",
-        (
-            (identity_id, gallery_id, b.tobytes(), float(n), now)
-            for b, n in zip(blobs, norms, strict=True)
-        ),
+        "INSERT INTO samples (sample_id, identity_id, gallery_id, vector, norm, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            (int(sid), identity_id, gallery_id, b.tobytes(), float(n), now)
+            for sid, b, n in zip(ids, blobs, norms, strict=True)
+        ],
     )
     conn.execute(
         "UPDATE identities SET sample_count = sample_count + ? WHERE identity_id = ?",
         (len(blobs), identity_id),
     )
-    return _assigned(conn, "samples", first, len(blobs))
+    return ids
 
 
-def _next_id(conn: sqlite3.Connection, table: str) -> int:
+def reserve_ids(conn: Any, table: str, count: int) -> np.ndarray:
+    """`count` new increasing row ids for `table` (inside the write transaction, which no
+    other writer shares: SQLite's write lock, PostgreSQL's advisory lock)."""
+    reserve = getattr(conn, "reserve_ids", None)
+    if reserve is not None:  # PostgreSQL: the table's sequence
+        return reserve(table, count)
     row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
-    return (row[0] if row else 0) + 1
-
-
-def _assigned(conn: sqlite3.Connection, table: str, first: int, count: int) -> np.ndarray:
-    # AUTOINCREMENT ids are consecutive within the single writer's transaction; verify
-    # rather than trust it, since the index keys rows by these ids.
-    if count and _next_id(conn, table) != first + count:
-        raise Internal(f"{table}: ids were not assigned consecutively")
+    first = (row[0] if row else 0) + 1
     return np.arange(first, first + count, dtype=np.int64)
 
 
 def bulk_insert(
-    conn: sqlite3.Connection, gallery_id: int, identities: list
+    conn: Any, gallery_id: int, identities: list
 ) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Inserts identities (TransferIdentity) with their unit vectors in id order.
 
     Returns (identity ids, sample ids, sample identity ids, vectors [N, dim], names).
     """
     now = time.time()
-    first = _next_id(conn, "identities")
+    ident_ids = reserve_ids(conn, "identities", len(identities))
     conn.executemany(
-        "INSERT INTO identities (gallery_id, name, metadata, sample_count, created_at) "
-        "VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO identities (identity_id, gallery_id, name, metadata, sample_count, "
+        "created_at) VALUES (?, ?, ?, ?, ?, ?)",
         (
-            (gallery_id, i.name, json.dumps(i.metadata), len(i.vectors), i.created_at or now)
-            for i in identities
+            (
+                int(iid),
+                gallery_id,
+                i.name,
+                json.dumps(i.metadata),
+                len(i.vectors),
+                i.created_at or now,
+            )
+            for iid, i in zip(ident_ids, identities, strict=True)
         ),
     )
-    ident_ids = _assigned(conn, "identities", first, len(identities))
     counts = np.asarray([len(i.vectors) for i in identities], np.int64)
     labels = np.repeat(ident_ids, counts)
+    sample_ids = reserve_ids(conn, "samples", int(counts.sum()))
 
     def rows():
+        sids = iter(sample_ids.tolist())
         for iid, ident in zip(ident_ids.tolist(), identities, strict=True):
             blobs = np.ascontiguousarray(ident.vectors, dtype="<f4")
             for b, n in zip(blobs, ident.norms.tolist(), strict=True):
-                yield iid, gallery_id, b.tobytes(), float(n), now
+                yield next(sids), iid, gallery_id, b.tobytes(), float(n), now
 
-    first_sample = _next_id(conn, "samples")
     conn.executemany(
-        "INSERT INTO samples (identity_id, gallery_id, vector, norm, created_at) "
-        "VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO samples (sample_id, identity_id, gallery_id, vector, norm, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
         rows(),
     )
-    sample_ids = _assigned(conn, "samples", first_sample, int(counts.sum()))
     dim = identities[0].vectors.shape[1] if identities else 0
     vectors = (
         np.concatenate([i.vectors for i in identities]).astype(np.float32)

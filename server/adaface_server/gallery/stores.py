@@ -41,5 +41,9 @@ class GalleryStore(Protocol):
 
 
 def open_store(settings: Settings) -> GalleryStore:
-    """The store the settings name (not yet opened)."""
+    """The store the settings name (not yet opened): PostgreSQL when --gallery-url is set."""
+    if settings.gallery_url:
+        from .postgres import PostgresStore
+
+        return PostgresStore(settings.gallery_url, settings.gallery_password_file)
     return SqliteStore(settings.gallery_path)
