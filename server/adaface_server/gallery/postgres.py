@@ -10,6 +10,7 @@ file, and never appears in a message: the store names itself by user, host, port
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 from collections.abc import Iterator
@@ -60,6 +61,7 @@ _MIGRATIONS: dict[int, list[str]] = {
         "created_at DOUBLE PRECISION NOT NULL)"
     ],
 }
+_cursor_numbers = itertools.count()
 _SEQUENCES = {"samples": "samples_sample_id_seq", "identities": "identities_identity_id_seq"}
 
 
@@ -75,6 +77,12 @@ class PgConnection:
     def executemany(self, sql: str, rows: Any) -> None:
         with self.raw.cursor() as cur:
             cur.executemany(sql.replace("?", "%s"), rows)
+
+    def stream_binary(self, sql: str, params: Any = ()) -> psycopg.ServerCursor:
+        """A server-side cursor with binary results (inside the caller's transaction)."""
+        cur = self.raw.cursor(name=f"stream{next(_cursor_numbers)}", binary=True)
+        cur.execute(sql.replace("?", "%s"), params or None)
+        return cur
 
     @property
     def in_transaction(self) -> bool:

@@ -784,11 +784,13 @@ def iter_sample_blocks(
     conn: sqlite3.Connection, gallery_id: int, dim: int, block: int = 65536
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(sample ids, identity ids, vectors [m, dim] float32) in sample-id order, blockwise."""
-    cur = conn.execute(
-        "SELECT sample_id, identity_id, vector FROM samples WHERE gallery_id = ? "
-        "ORDER BY sample_id",
-        (gallery_id,),
+    sql = (
+        "SELECT sample_id, identity_id, vector FROM samples WHERE gallery_id = ? ORDER BY sample_id"
     )
+    # PostgreSQL: a server-side cursor in binary format (no hex-escaped vectors, bounded
+    # memory); SQLite: a plain cursor.
+    stream = getattr(conn, "stream_binary", None)
+    cur = stream(sql, (gallery_id,)) if stream else conn.execute(sql, (gallery_id,))
     while rows := cur.fetchmany(block):
         ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
         owners = np.fromiter((r[1] for r in rows), np.int64, len(rows))
