@@ -180,9 +180,8 @@ class Replica:
 
     def sync(self) -> None:
         """Read-your-writes: one cheap query, and a replay when the store is ahead."""
-        with self.store.snapshot() as conn:
-            if latest_seq(conn) <= self.applied:
-                return
+        if self.store.latest_seq() <= self.applied:
+            return
         self.catch_up()
 
     def catch_up(self) -> None:
@@ -199,16 +198,35 @@ class Replica:
                 "SELECT seq, gallery_id, kind, payload FROM changes WHERE seq > ? ORDER BY seq",
                 (self.applied,),
             ).fetchall()
+            payloads = [json.loads(e[3]) for e in entries]
+            # Every added row of the batch in one read (not one round trip per entry).
+            added = db.sample_rows(
+                conn,
+                [
+                    i
+                    for e, p in zip(entries, payloads, strict=True)
+                    if e[2] == ADD
+                    for i in p["ids"]
+                ],
+            )
             rebuilt: set[int] = set()  # galleries read whole from this snapshot
-            for seq, gallery_id, kind, payload in entries:
+            for (seq, gallery_id, kind, _), p in zip(entries, payloads, strict=True):
                 if gallery_id not in rebuilt:
-                    self._apply(conn, gallery_id, kind, json.loads(payload), rebuilt)
+                    self._apply(conn, gallery_id, kind, p, rebuilt, added)
                 self.applied = int(seq)
 
     def _by_id(self, gallery_id: int) -> LiveGallery | None:
         return next((g for g in self.galleries.values() if g.row.gallery_id == gallery_id), None)
 
-    def _apply(self, conn: Any, gallery_id: int, kind: str, p: dict, rebuilt: set[int]) -> None:
+    def _apply(
+        self,
+        conn: Any,
+        gallery_id: int,
+        kind: str,
+        p: dict,
+        rebuilt: set[int],
+        added: dict[int, tuple[int, bytes]],
+    ) -> None:
         g = self._by_id(gallery_id)
         if kind in (CREATE, RELOAD):
             row = db.gallery_row(conn, gallery_id)
@@ -224,7 +242,13 @@ class Replica:
         elif g is None:
             return  # a gallery this snapshot no longer holds
         elif kind == ADD:
-            keys, labels, vectors = db.samples_by_id(conn, gallery_id, p["ids"], g.row.dim)
+            # Rows a later entry of this batch removed are gone from the snapshot: skipped.
+            present = [i for i in p["ids"] if i in added]
+            keys = np.asarray(present, np.int64)
+            labels = np.asarray([added[i][0] for i in present], np.int64)
+            vectors = np.frombuffer(b"".join(added[i][1] for i in present), "<f4").reshape(
+                len(present), g.row.dim
+            )
             g.index.apply(
                 [
                     Change(

@@ -132,6 +132,7 @@ class PostgresStore(Store):
             lines = Path(password_file).expanduser().read_text().splitlines()
             self._kwargs["password"] = lines[0] if lines else ""
         self._pool: psycopg_pool.ConnectionPool | None = None
+        self._seq_pool: psycopg_pool.ConnectionPool | None = None
         self._listener: psycopg.Connection | None = None
         self._listener_lock = threading.Lock()
         self._woken = threading.Event()
@@ -155,6 +156,15 @@ class PostgresStore(Store):
             check=psycopg_pool.ConnectionPool.check_connection,
             open=True,
             name="gallery-readers",
+        )
+        self._seq_pool = psycopg_pool.ConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=2,
+            kwargs=self._kwargs,
+            timeout=CONNECT_TIMEOUT_S,
+            open=True,
+            name="gallery-seq",
         )
         self._thread = threading.Thread(target=self._write_loop, name="gallery-writer", daemon=True)
         self._thread.start()
@@ -203,9 +213,10 @@ class PostgresStore(Store):
                 self._queue.put(None)
         if thread is not None:
             thread.join()
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        for pool in (self._pool, self._seq_pool):
+            if pool is not None:
+                pool.close()
+        self._pool = self._seq_pool = None
         with self._listener_lock:
             if self._listener is not None:
                 self._listener.close()
@@ -238,6 +249,24 @@ class PostgresStore(Store):
                         conn.execute("ROLLBACK")
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             raise self._unreachable(exc) from None
+
+    def latest_seq(self) -> int:
+        """The newest committed change-log seq: one round trip. Its own small pool skips
+        the checked pool's health check (a second round trip on every read); a query on a
+        connection the server dropped (a restart) runs again once on a fresh one."""
+        if self._seq_pool is None:
+            raise Unavailable(f"gallery store {self.path} is closed")
+        for attempt in (1, 2):
+            try:
+                with self._seq_pool.connection() as raw:
+                    row = raw.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()
+                    return int(row[0])
+            except psycopg_pool.PoolTimeout as exc:
+                raise self._unreachable(exc) from None
+            except psycopg.OperationalError as exc:
+                if attempt == 2:
+                    raise self._unreachable(exc) from None
+        raise AssertionError("unreachable")
 
     def wait_for_change(self, timeout: float) -> None:
         """Blocks until a NOTIFY from a committed write (any process) or `timeout`."""

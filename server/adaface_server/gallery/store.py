@@ -305,6 +305,16 @@ class Store:
         finally:
             conn.execute("COMMIT" if conn.in_transaction else "SELECT 1")
 
+    def latest_seq(self) -> int:
+        """The newest committed change-log seq: one index lookup on this thread's reader."""
+        try:
+            row = self.reader().execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.path) or Internal(
+                f"gallery store {self.path}: read failed: {exc}"
+            ) from None
+        return int(row[0])
+
     def wait_for_change(self, timeout: float) -> None:
         """Returns when the store may have changed: SQLite has no notifications, so after
         a short poll interval (the caller's catch-up query is one index lookup)."""
@@ -530,24 +540,18 @@ def gallery_row(conn: Any, gallery_id: int) -> GalleryRow | None:
     return None if r is None else GalleryRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6])
 
 
-def samples_by_id(
-    conn: Any, gallery_id: int, sample_ids: list[int], dim: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sample ids, identity ids, vectors [m, dim]) of those ids still stored, id order."""
-    rows: list = []
+def sample_rows(conn: Any, sample_ids: list[int]) -> dict[int, tuple[int, bytes]]:
+    """sample_id -> (identity_id, vector bytes) for those of `sample_ids` still stored."""
+    out: dict[int, tuple[int, bytes]] = {}
     for start in range(0, len(sample_ids), 500):
         part = sample_ids[start : start + 500]
         marks = ",".join("?" * len(part))
-        rows += conn.execute(
-            f"SELECT sample_id, identity_id, vector FROM samples WHERE gallery_id = ? "
-            f"AND sample_id IN ({marks}) ORDER BY sample_id",
-            (gallery_id, *part),
-        ).fetchall()
-    rows.sort(key=lambda r: r[0])
-    ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-    owners = np.fromiter((r[1] for r in rows), np.int64, len(rows))
-    vectors = np.frombuffer(b"".join(bytes(r[2]) for r in rows), "<f4").reshape(len(rows), dim)
-    return ids, owners, vectors.astype(np.float32)
+        for sid, owner, blob in conn.execute(
+            f"SELECT sample_id, identity_id, vector FROM samples WHERE sample_id IN ({marks})",
+            tuple(part),
+        ).fetchall():
+            out[int(sid)] = (int(owner), bytes(blob))
+    return out
 
 
 def gallery_exists(conn: sqlite3.Connection, gallery_id: int) -> bool:

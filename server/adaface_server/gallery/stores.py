@@ -17,7 +17,9 @@ class GalleryStore(Protocol):
 
     Writes are ops run inside the store's write transaction (`submit`); they use the SQL
     helpers of store.py, written in the SQL both stores share. `snapshot` gives a read
-    connection inside one consistent read transaction.
+    connection inside one consistent read transaction; `latest_seq` is the cheap
+    read-your-writes check; `wait_for_change` blocks until another process may have written
+    (SQLite: a short poll; PostgreSQL: LISTEN/NOTIFY).
     """
 
     path: Path | str  # where the galleries live, as shown in messages (never a password)
@@ -29,9 +31,9 @@ class GalleryStore(Protocol):
 
     def submit(self, op: Callable[[Any], tuple[Any, Callable[[], None] | None]]) -> Future: ...
 
-    def reader(self) -> Any: ...
-
     def connect(self) -> Any: ...
+
+    def latest_seq(self) -> int: ...
 
     def snapshot(self) -> contextlib.AbstractContextManager[Any]: ...
 
