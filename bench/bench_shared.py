@@ -6,7 +6,8 @@ Rows, each measured back to back in one run:
 - EnrollStream acknowledgements per second through 1 and 3 real server processes on one
   SQLite file and on one PostgreSQL database (each process fed by its own client);
 - start-up rebuild of N vectors from each store (PostgreSQL: binary server-side cursor).
-PostgreSQL runs as a throw-away cluster (tests/integration/postgres_harness.py).
+PostgreSQL runs as the tests' throw-away cluster (tests/integration/postgres_harness.py,
+fsync=off: its commits skip the disk flush SQLite pays).
 `--quick` shrinks every size.
 """
 
@@ -85,7 +86,8 @@ def close_service(service: GalleryService) -> None:
 
 def search_latency(service: GalleryService, probes: np.ndarray) -> tuple[float, float, float]:
     """Median seconds of one Q=1 search (vector probe, top 10) with the catch-up check and
-    without it, interleaved probe by probe so drifting load hits both alike; and the
+    without it, interleaved probe by probe (in alternating order) so drifting load hits
+    both alike; and the
     median of the check alone (as the service runs it: on a read thread)."""
 
     async def no_sync() -> None:
@@ -93,8 +95,9 @@ def search_latency(service: GalleryService, probes: np.ndarray) -> tuple[float, 
 
     async def run() -> tuple[float, float, float]:
         on, off, alone = [], [], []
-        for p in probes:
-            for check, times in ((True, on), (False, off)):
+        for n, p in enumerate(probes):
+            pair = ((True, on), (False, off))
+            for check, times in pair if n % 2 else pair[::-1]:  # alternate the order too
                 if not check:
                     service._sync = no_sync  # type: ignore[method-assign]
                 t0 = time.perf_counter()
