@@ -268,6 +268,17 @@ def test_a_gallery_deleted_through_one_process_disappears_from_the_others(cluste
     a.stub.CreateGallery(gallery_pb2.CreateGalleryRequest(name="gone"), timeout=30)
     enroll(a, "gone", "x", unit_vectors(1, 11))
     assert top_identity(c, "gone", unit_vectors(1, 11)[0]) == "x"
+    # An import through one process (one RELOAD entry) is searchable through the others.
+    data = b"".join(
+        chunk.data for chunk in c.stub.Export(gallery_pb2.ExportRequest(name="gone"), timeout=30)
+    )
+    header = gallery_pb2.ImportHeader(name="copied", format=gallery_pb2.IMPORT_FORMAT_NATIVE)
+    b.stub.Import(
+        iter([gallery_pb2.ImportRequest(header=header), gallery_pb2.ImportRequest(data=data)]),
+        timeout=30,
+    )
+    assert top_identity(a, "copied", unit_vectors(1, 11)[0]) == "x"
+    assert c.stub.GetGallery(gallery_pb2.GetGalleryRequest(name="copied")).sample_count == 1
     b.stub.DeleteGallery(gallery_pb2.DeleteGalleryRequest(name="gone"), timeout=30)
     for node in (a, c):
         err = rpc_error(
