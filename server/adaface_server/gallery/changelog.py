@@ -174,7 +174,12 @@ class Replica:
                 apply()
                 self.applied = seq
                 return
-            self.catch_up()
+            try:
+                self.catch_up()
+            except Exception as exc:
+                # The write is committed and acknowledged all the same; `applied` did not
+                # move, so the next read's sync (or the follower) replays it.
+                log.warning("gallery change log: catch-up after a commit failed: %s", exc)
 
     # -- catch-up -----------------------------------------------------------------------
 
