@@ -16,7 +16,8 @@ MTCNN_WEIGHTS ?= .cache/mtcnn
 # On a 2-core CPU, forward passes of 8 images beat 32 (make bench); Triton keeps config's 32.
 SERVE_ARGS ?= --max-batch-size 8
 
-.PHONY: venv browser export serve test test-fast bench soak proto proto-check lint format clean
+.PHONY: venv browser export serve test test-fast bench soak proto proto-check lint format clean \
+	postgres-server
 
 venv: $(VENV)/.installed
 
@@ -49,8 +50,16 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
-test: venv browser
+test: venv browser postgres-server
 	$(PY) -m pytest -q
+
+# The gallery tests start throw-away PostgreSQL clusters: install the server binaries when
+# missing (root, Debian/Ubuntu). Idempotent: does nothing when initdb is already there.
+postgres-server:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		[ -x "$$(pg_config --bindir 2>/dev/null)/initdb" ]; then :; else \
+		echo "installing the PostgreSQL server (apt-get)"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; fi
 
 bench: venv
 	$(PY) bench/run.py

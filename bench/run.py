@@ -15,6 +15,8 @@ BENCHES = [
     ["bench_http.py"],
     ["bench_triton.py"],
     ["bench_gallery.py"],
+    # Full size rebuilds 1M vectors from each store (~10 GB of disk, several minutes).
+    ["bench_shared.py"],
     ["bench_sampling.py"],
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,23 @@ class Settings:
     gallery_max_import_bytes: int = field(
         default=8 * 1024**3, metadata={"help": "largest Gallery.Import upload, bytes"}
     )
+    # Several processes and replicas on one gallery store.
+    gallery_url: str = field(
+        default="",
+        metadata={
+            "help": "PostgreSQL gallery store, postgresql://user@host:5432/db (replaces "
+            "--gallery-path; the password comes from PGPASSWORD, PGPASSFILE or "
+            "--gallery-password-file, never from this URL's flag)"
+        },
+    )
+    gallery_password_file: str = field(
+        default="",
+        metadata={"help": "file holding the PostgreSQL password (first line); empty: libpq's"},
+    )
+    gallery_log_keep: int = field(
+        default=100_000,
+        metadata={"help": "gallery change-log entries kept; older ones are trimmed (0: never)"},
+    )
     verify_threshold: float = field(
         default=0.3,
         metadata={"help": "Gallery.Verify default decision threshold on cosine (tune per model)"},
@@ -246,6 +264,16 @@ def parse_settings(
     if problems:
         parser.error("; ".join(problems))
     return settings
+
+
+def _url_has_password(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        password = parts.password
+    except ValueError:
+        return True  # unparsable netloc: refuse rather than risk showing it
+    query = urllib.parse.parse_qs(parts.query)
+    return bool(password) or "password" in query
 
 
 def validate(s: Settings) -> list[str]:
@@ -308,6 +336,16 @@ def validate_gallery(s: Settings) -> list[str]:
     ):
         if getattr(s, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if s.gallery_url and not s.gallery_url.startswith(("postgresql://", "postgres://")):
+        problems.append("--gallery-url must be a postgresql:// URL")
+    elif s.gallery_url and _url_has_password(s.gallery_url):
+        # Never echo it: the message (and the URL) may end up in logs.
+        problems.append(
+            "--gallery-url must not hold a password; use PGPASSWORD, PGPASSFILE or "
+            "--gallery-password-file"
+        )
+    if s.gallery_log_keep < 0:
+        problems.append(f"--gallery-log-keep must be >= 0, got {s.gallery_log_keep}")
     if not 0.0 < s.gallery_compact_ratio <= 1.0:
         problems.append(f"--gallery-compact-ratio must be in (0, 1], got {s.gallery_compact_ratio}")
     if not -1.0 <= s.verify_threshold <= 1.0:

@@ -162,10 +162,10 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServicer):
         return gallery_info(view)
 
     async def GetGallery(self, request, context):
-        return gallery_info(self._service.get(request.name))
+        return gallery_info(await self._service.get(request.name))
 
     async def ListGalleries(self, request, context):
-        views = self._service.list()
+        views = await self._service.list()
         return gallery_pb2.ListGalleriesResponse(galleries=[gallery_info(v) for v in views])
 
     async def DeleteGallery(self, request, context):
