@@ -198,6 +198,20 @@ class Settings:
             "fp32 on the device found), fp32, bf16 or fp16 (CUDA); I/O stays fp32"
         },
     )
+    workers: str = field(
+        default="1",
+        metadata={
+            "help": "server processes sharing the port under a supervising parent: N or auto "
+            "(1 on CPU, up to 4 with CUDA); galleries need 1 until they are shared"
+        },
+    )
+    reuse_port: bool = field(
+        default=False,
+        metadata={"help": "share the gRPC port with other processes (SO_REUSEPORT; workers)"},
+    )
+    worker_state_dir: str = field(
+        default="", metadata={"help": "set by the supervisor: where workers report readiness"}
+    )
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -345,6 +359,8 @@ def validate_hardware(s: Settings) -> list[str]:
     problems = []
     if s.precision not in ("auto", "fp32", "bf16", "fp16"):
         problems.append(f"--precision must be auto, fp32, bf16 or fp16, got {s.precision!r}")
+    if not (s.workers == "auto" or (s.workers.isdigit() and int(s.workers) >= 1)):
+        problems.append(f"--workers must be a number >= 1 or auto, got {s.workers!r}")
     device = s.device
     if device.startswith("cuda:"):
         device = "cuda" if device[5:].isdigit() else device
