@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
+import grpc
 import numpy as np
 import pytest
 import torch
 
+from adaface.v1 import embedder_pb2, embedder_pb2_grpc
 from adaface_server.backends.precision import parity
 from adaface_server.models.export import ExportError, export_model
+
+from .server_harness import ServerThread, server_settings
 
 # The exporter's gate for reduced precision.
 MIN_COSINE = 0.999
@@ -72,3 +77,33 @@ def test_reduced_export_failing_its_gate_leaves_no_model(tmp_path):
 def test_unknown_precision_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown precision 'int8'"):
         export_model(None, "ir_18", tmp_path, "x", precision="int8")
+
+
+def info(address: str) -> embedder_pb2.InfoResponse:
+    with grpc.insecure_channel(address) as channel:
+        stub = embedder_pb2_grpc.EmbedderStub(channel)
+        return stub.Info(embedder_pb2.InfoRequest(), timeout=30)
+
+
+def test_server_runs_a_reduced_export_as_exported(reduced_export):
+    precision_name, report = reduced_export
+    repository = report.model_path.parents[2]
+    server = ServerThread(server_settings(repository, report.name, precision="auto")).start()
+    try:
+        server.wait_serving()
+        assert (info(server.address).device, info(server.address).precision) == (
+            "cpu", precision_name,
+        )  # fmt: skip
+    finally:
+        server.stop()
+    # fp32 cannot be promised from a reduced export: refused, with the reason
+    server = ServerThread(server_settings(repository, report.name, precision="fp32")).start()
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                info(server.address)  # UNAVAILABLE while loading, then with the reason
+                time.sleep(0.2)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()

@@ -78,14 +78,31 @@ class TorchScriptBackend:
         precision.exact_fp32_on_cuda(device)
         module = torch.jit.load(str(spec.model_path), map_location=device)
         module.eval()
-        try:
-            selection = precision.select_runner(
-                module, device, self._settings.precision, self.max_batch_size
+        exported = str(spec.metadata.get("precision", "fp32"))
+        requested = self._settings.precision
+        if exported != "fp32":
+            # A reduced-precision export (adaface-export --precision) already ran its parity
+            # gate at export time; it runs as exported, behind the same fp32 I/O.
+            if requested not in ("auto", exported):
+                raise StartupError(
+                    f"model {spec.name} was exported in {exported}: serve it with --precision "
+                    f"auto or {exported}, or export it in fp32 for --precision {requested}"
+                )
+            log.info(
+                "model %s was exported in %s (export gate: min cosine %s to fp32); runs as is",
+                spec.name,
+                exported,
+                spec.metadata.get("min_cosine"),
             )
-        except precision.PrecisionError as exc:
-            raise StartupError(str(exc)) from None
-        self._runner = selection.runner
-        self.device, self.precision = str(device), selection.precision
+            self._runner = precision.ModelRunner(module, device, "fp32", self.max_batch_size)
+            self.device, self.precision = str(device), exported
+        else:
+            try:
+                selection = precision.select_runner(module, device, requested, self.max_batch_size)
+            except precision.PrecisionError as exc:
+                raise StartupError(str(exc)) from None
+            self._runner = selection.runner
+            self.device, self.precision = str(device), selection.precision
         # TorchScript's profiling executor specialises on the first calls, and CUDA picks
         # kernels per shape: run every batch size the batcher produces on CUDA (any size up
         # to the maximum), the common ones on CPU, before declaring the model ready.
