@@ -12,6 +12,8 @@ BENCHES = [
     ["bench_model.py"],
     ["bench_detect.py"],
     ["bench_server.py"],
+    ["bench_hardware.py"],
+    ["bench_gpu.py"],
     ["bench_triton.py"],
     ["bench_gallery.py"],
     ["bench_sampling.py"],

@@ -202,7 +202,8 @@ class Settings:
         default="1",
         metadata={
             "help": "server processes sharing the port under a supervising parent: N or auto "
-            "(1 on CPU, up to 4 with CUDA); galleries need 1 until they are shared"
+            "(one per core on CPU, at most 8; up to 4 with CUDA); galleries need 1 until "
+            "they are shared"
         },
     )
     reuse_port: bool = field(

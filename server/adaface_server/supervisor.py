@@ -42,15 +42,18 @@ QUICK_DEATH_SECONDS = 5.0
 MAX_BACKOFF_SECONDS = 30.0
 #: Extra time over --grace-seconds for workers to close before the parent kills them.
 STOP_MARGIN_SECONDS = 10.0
-#: Worker processes per machine for --workers auto. On CPU one process with every core as
-#: intra-op threads is as fast as two (make bench, workers 1 vs 2); on a GPU one Python
-#: process is the bottleneck and four processes gave 3.3x one (notes: H200, 16 cores).
+#: Worker processes per machine for --workers auto. CPU: one single-threaded worker per core
+#: (up to CPU_AUTO_MAX_WORKERS); on a 2-core EPYC shared with other jobs, 2 workers x 1
+#: intra-op thread served 5x what 1 worker x 2 threads did (make bench, bench_hardware.py):
+#: single-threaded processes lose far less to interference. GPU: one Python process is the
+#: bottleneck and four processes gave 3.3x one (notes: H200, 16 cores).
+CPU_AUTO_MAX_WORKERS = 8
 GPU_AUTO_WORKERS = 4
 GPU_CORES_PER_WORKER = 4
 
 
 def resolve_workers(setting: str, cores: int | None = None, cuda: bool | None = None) -> int:
-    """--workers N or auto: 1 on CPU, up to GPU_AUTO_WORKERS with CUDA (4 cores each)."""
+    """--workers N or auto: one per core on CPU (at most 8), up to 4 with CUDA (4 cores each)."""
     if setting != "auto":
         return int(setting)
     cores = cores or len(os.sched_getaffinity(0))
@@ -62,7 +65,7 @@ def resolve_workers(setting: str, cores: int | None = None, cuda: bool | None = 
         except ImportError:
             cuda = False
     if not cuda:
-        return 1
+        return max(1, min(CPU_AUTO_MAX_WORKERS, cores))
     return max(1, min(GPU_AUTO_WORKERS, cores // GPU_CORES_PER_WORKER))
 
 
