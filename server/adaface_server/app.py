@@ -31,7 +31,7 @@ from .gallery.service import GalleryService
 from .metrics import Metrics
 from .sampling.service import SamplingService
 from .security import load_tokens, server_credentials
-from .supervisor import WorkerReadiness
+from .supervisor import WorkerReadiness, publish_live_gauges
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class App:
         self._gallery_open: asyncio.Task | None = None
         # With --workers N: SERVING only while every worker is.
         self._workers = WorkerReadiness(settings)
+        self._publisher: asyncio.Task | None = None
 
     async def start(self) -> int:
         address = f"{self.settings.host}:{self.settings.port}"
@@ -122,6 +123,10 @@ class App:
         self._gallery_open = asyncio.create_task(self.gallery.open(), name="gallery-open")
         self._loader = asyncio.create_task(self._load(), name="model-loader")
         self._trimmer = asyncio.create_task(self._trim_when_idle(), name="memory-trim")
+        if settings.worker_state_dir:  # a supervised worker: gauges go to the parent's /metrics
+            self._publisher = asyncio.create_task(
+                publish_live_gauges(self.metrics.live), name="live-gauges"
+            )
         return self.port
 
     def reload_tokens(self) -> bool:
@@ -192,6 +197,8 @@ class App:
             self._loader.cancel()
         if self._trimmer is not None:
             self._trimmer.cancel()
+        if self._publisher is not None:
+            self._publisher.cancel()
         await self.server.stop(grace)
         if self._gallery_open is not None:
             await self._gallery_open  # the rebuild runs in a thread: let it finish

@@ -94,6 +94,43 @@ class WorkerReadiness:
             self._marker.unlink(missing_ok=True)
 
 
+LIVE_PUBLISH_SECONDS = 1.0
+
+
+async def publish_live_gauges(live, seconds: float = LIVE_PUBLISH_SECONDS) -> None:
+    """Inside a worker: copies the scrape-time gauges (metrics._Live) into multiprocess
+    gauges every `seconds`, so the parent's /metrics sums them over the live workers (a dead
+    worker's values are dropped by mark_process_dead)."""
+    import asyncio
+
+    from prometheus_client import Gauge
+
+    # registry=None: these exist only in the multiprocess files the parent aggregates.
+    in_flight = Gauge(
+        "adaface_requests_in_flight", "RPCs being handled", registry=None,
+        multiprocess_mode="livesum",
+    )  # fmt: skip
+    queue = Gauge(
+        "adaface_queue_depth", "Images waiting for (or in flight to) the model backend",
+        registry=None, multiprocess_mode="livesum",
+    )  # fmt: skip
+    identities = Gauge(
+        "adaface_gallery_identities", "Identities enrolled per gallery", ["gallery"],
+        registry=None, multiprocess_mode="livemax",
+    )  # fmt: skip
+    samples = Gauge(
+        "adaface_gallery_samples", "Samples enrolled per gallery", ["gallery"],
+        registry=None, multiprocess_mode="livemax",
+    )  # fmt: skip
+    while True:
+        in_flight.set(live.in_flight())
+        queue.set(live.queue_depth())
+        for name, n_identities, n_samples in live.gallery_sizes():
+            identities.labels(name).set(n_identities)
+            samples.labels(name).set(n_samples)
+        await asyncio.sleep(seconds)
+
+
 def _reserve_port(host: str, port: int) -> socket.socket:
     """Binds (without listening) with SO_REUSEPORT: holds the port for the workers, and
     fails when a process that does not share (a plain server) already has it."""

@@ -121,6 +121,11 @@ def test_two_workers_share_the_port_and_metrics_add_up(workers):
     after = info_count(urllib.request.urlopen(url, timeout=10).read().decode())
     assert after - before == 10
     assert before >= 2  # the calls above reached both workers, each counted once
+    # Scrape-time gauges of both workers are summed too (each worker publishes its own).
+    scraped = urllib.request.urlopen(url, timeout=10).read().decode()
+    for gauge in ("adaface_requests_in_flight", "adaface_queue_depth"):
+        values = [line for line in scraped.splitlines() if line.startswith(gauge + " ")]
+        assert values == [f"{gauge} 0.0"], scraped
 
 
 def test_a_killed_worker_is_restarted(workers):
