@@ -107,3 +107,14 @@ def test_server_runs_a_reduced_export_as_exported(reduced_export):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop()
+
+
+def test_cli_precision_flag_writes_a_bf16_model(tmp_path, capsys):
+    from adaface_server.models.export import main
+
+    argv = ["--arch", "ir_18", "--repository", str(tmp_path), "--name", "cli_bf16",
+            "--max-batch-size", "4", "--precision", "bf16"]  # fmt: skip
+    assert main(argv) == 0
+    assert "min cosine of embeddings (bf16 vs eager fp32): 0.99" in capsys.readouterr().out
+    metadata = json.loads((tmp_path / "cli_bf16" / "1" / "metadata.json").read_text())
+    assert metadata["precision"] == "bf16" and metadata["min_cosine"] >= MIN_COSINE
