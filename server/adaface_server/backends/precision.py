@@ -228,10 +228,13 @@ def select_runner(
 ) -> Selection:
     """Gate every candidate precision against fp32 on the verification batch and pick one.
 
-    Only precisions that could be chosen are tried: fp32 alone for `fp32`, fp32 and the
-    requested one for an explicit reduced precision, every supported one for `auto`.
+    Only precisions that could be chosen are tried: none for `fp32` (served as is), fp32 and
+    the requested one for an explicit reduced precision, every supported one for `auto`.
     """
     check_supported(device, requested)
+    if requested == "fp32":  # nothing to compare: fp32 is the reference
+        runner = ModelRunner(module, device, "fp32", max_batch_size)
+        return Selection(runner, (Trial("fp32", 1.0, 0.0, 0.0),))
     if requested == "auto":
         candidates = reduced_precisions(device)
     elif requested == "fp32":
