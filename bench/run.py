@@ -13,6 +13,7 @@ BENCHES = [
     ["bench_detect.py"],
     ["bench_server.py"],
     ["bench_hardware.py"],
+    ["bench_decode.py"],
     ["bench_gpu.py"],
     ["bench_triton.py"],
     ["bench_gallery.py"],
