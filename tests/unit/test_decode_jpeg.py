@@ -76,3 +76,15 @@ def test_corrupt_jpeg_is_reported_by_the_pillow_path():
     with pytest.raises(ImageRejected) as err:
         decode_image(data[: len(data) // 3], LIMITS)
     assert err.value.reason == "UNDECODABLE"
+
+
+def test_garbage_after_a_jpeg_marker_is_undecodable_never_a_crash():
+    rng = np.random.default_rng(0)
+    valid = jpeg(photo(32, 32))
+    for n in range(200):
+        tail = rng.integers(0, 256, int(rng.integers(0, 300)), dtype=np.uint8).tobytes()
+        # random bytes, and a valid header followed by random bytes
+        data = b"\xff\xd8" + tail if n % 2 else valid[: 2 + n] + tail
+        with pytest.raises(ImageRejected) as err:
+            decode_image(data, LIMITS)
+        assert err.value.reason == "UNDECODABLE"

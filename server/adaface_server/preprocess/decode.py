@@ -81,7 +81,7 @@ def _plain_jpeg(data: bytes, limits: DecodeLimits) -> np.ndarray | None:
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:
+    except Exception:  # any complaint: Pillow decodes or reports it
         return None
     if colorspace != "YCbCr":
         return None
@@ -93,7 +93,7 @@ def _plain_jpeg(data: bytes, limits: DecodeLimits) -> np.ndarray | None:
         )
     try:
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
-    except ValueError:
+    except Exception:
         return None
 
 
