@@ -99,12 +99,15 @@ def test_server_runs_a_reduced_export_as_exported(reduced_export):
     # fp32 cannot be promised from a reduced export: refused, with the reason
     server = ServerThread(server_settings(repository, report.name, precision="fp32")).start()
     try:
-        with pytest.raises(grpc.RpcError) as err:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                info(server.address)  # UNAVAILABLE while loading, then with the reason
-                time.sleep(0.2)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        details = ""
+        deadline = time.monotonic() + 120
+        while "cannot be served" not in details and time.monotonic() < deadline:
+            with pytest.raises(grpc.RpcError) as err:  # UNAVAILABLE while loading, then why
+                info(server.address)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            details = err.value.details()
+            time.sleep(0.2)
+        assert f"was exported in {precision_name}: serve it with --precision auto" in details
     finally:
         server.stop()
 
