@@ -34,6 +34,7 @@ from .gallery.service import GalleryService
 from .metrics import Metrics
 from .sampling.service import SamplingService
 from .security import load_tokens, server_credentials
+from .supervisor import WorkerReadiness, publish_live_gauges
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,9 @@ class App:
                 # the message (RESOURCE_EXHAUSTED) before reading it into memory.
                 ("grpc.max_receive_message_length", min(2 * limit, 2**31 - 1)),
                 ("grpc.max_send_message_length", limit),
-                # A second server on the same port must fail, not silently share it.
-                ("grpc.so_reuseport", 0),
+                # A second server on the same port must fail, not silently share it;
+                # pre-forked workers (--workers N) share it on purpose.
+                ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
             ],
         )
         embedder_pb2_grpc.add_EmbedderServicer_to_server(
@@ -100,6 +102,9 @@ class App:
         self._loader: asyncio.Task | None = None
         self._trimmer: asyncio.Task | None = None
         self._gallery_open: asyncio.Task | None = None
+        # With --workers N: SERVING only while every worker is.
+        self._workers = WorkerReadiness(settings)
+        self._publisher: asyncio.Task | None = None
 
     async def start(self) -> int:
         address = f"{self.settings.host}:{self.settings.port}"
@@ -134,6 +139,10 @@ class App:
         self._gallery_open = asyncio.create_task(self.gallery.open(), name="gallery-open")
         self._loader = asyncio.create_task(self._load(), name="model-loader")
         self._trimmer = asyncio.create_task(self._trim_when_idle(), name="memory-trim")
+        if settings.worker_state_dir:  # a supervised worker: gauges go to the parent's /metrics
+            self._publisher = asyncio.create_task(
+                publish_live_gauges(self.metrics.live), name="live-gauges"
+            )
         return self.port
 
     async def _start_http(self) -> None:
@@ -198,7 +207,7 @@ class App:
         and come back, and health must say so without a restart."""
         serving: bool | None = None
         while True:
-            ready = self.embedding.ready()
+            ready = self._workers.all_serving(self.embedding.ready())
             if ready != serving:
                 if serving is not None:
                     log.warning(
@@ -217,6 +226,7 @@ class App:
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking new RPCs, lets in-flight ones finish within `grace`, then closes."""
         grace = self.settings.grace_seconds if grace is None else grace
+        self._workers.leave()
         await self.health.enter_graceful_shutdown()
         if self._loader is not None:
             self._loader.cancel()
@@ -224,6 +234,8 @@ class App:
             self._trimmer.cancel()
         if self.http is not None:
             await self.http.stop()
+        if self._publisher is not None:
+            self._publisher.cancel()
         await self.server.stop(grace)
         if self._gallery_open is not None:
             await self._gallery_open  # the rebuild runs in a thread: let it finish

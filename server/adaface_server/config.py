@@ -211,6 +211,34 @@ class Settings:
         metadata={"help": "Gallery.Verify default decision threshold on cosine (tune per model)"},
     )
 
+    # Hardware: device and precision of the embedded backend, pre-forked worker processes.
+    device: str = field(
+        default="auto",
+        metadata={"help": "embedded backend device: auto (CUDA when present), cpu, cuda, cuda:N"},
+    )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "embedded model precision: auto (fastest that passes the parity gate vs "
+            "fp32 on the device found), fp32, bf16 or fp16 (CUDA); I/O stays fp32"
+        },
+    )
+    workers: str = field(
+        default="1",
+        metadata={
+            "help": "server processes sharing the port under a supervising parent: N or auto "
+            "(one per core on CPU, at most 8; up to 4 with CUDA); galleries need 1 until "
+            "they are shared"
+        },
+    )
+    reuse_port: bool = field(
+        default=False,
+        metadata={"help": "share the gRPC and HTTP ports with other processes (SO_REUSEPORT; workers)"},
+    )
+    worker_state_dir: str = field(
+        default="", metadata={"help": "set by the supervisor: where workers report readiness"}
+    )
+
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)
 
@@ -314,6 +342,7 @@ def validate(s: Settings) -> list[str]:
     if s.tls_client_ca and not s.tls_certificate:
         problems.append("--tls-client-ca (mutual TLS) needs --tls-certificate/--tls-private-key")
     problems.extend(validate_gallery(s))
+    problems.extend(validate_hardware(s))
     problems.extend(validate_triton(s))
     for name in ("threads", "max_batch_size"):
         if getattr(s, name) < 0:
@@ -371,4 +400,20 @@ def validate_triton(s: Settings) -> list[str]:
         )
     if bool(s.triton_private_key) != bool(s.triton_certificate_chain):
         problems.append("--triton-private-key and --triton-certificate-chain go together")
+    return problems
+
+
+def validate_hardware(s: Settings) -> list[str]:
+    problems = []
+    if s.precision not in ("auto", "fp32", "bf16", "fp16"):
+        problems.append(f"--precision must be auto, fp32, bf16 or fp16, got {s.precision!r}")
+    if not (s.workers == "auto" or (s.workers.isdigit() and int(s.workers) >= 1)):
+        problems.append(f"--workers must be a number >= 1 or auto, got {s.workers!r}")
+    elif s.workers != "1" and s.http_port == 0:
+        problems.append("--http-port 0 picks a port per worker: give --workers a fixed HTTP port")
+    device = s.device
+    if device.startswith("cuda:"):
+        device = "cuda" if device[5:].isdigit() else device
+    if device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {s.device!r}")
     return problems

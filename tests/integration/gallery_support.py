@@ -100,6 +100,8 @@ def start_server_process(
                 *store,
                 "--metrics-port",
                 "0",
+                "--precision",
+                "fp32",  # gallery tests compare with fp32 vectors (server_settings does too)
             ],
             cwd=REPO,
             env=env,

@@ -7,6 +7,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Pillow's own bomb guard is replaced by our explicit pixel limit, checked before decoding.
@@ -38,6 +39,9 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
         )
     if not data:
         raise ImageRejected("UNDECODABLE", "image is empty (0 bytes)")
+    fast = _plain_jpeg(data, limits)
+    if fast is not None:
+        return fast
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -66,6 +70,50 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
         raise ImageRejected(
             "UNDECODABLE", f"not a decodable JPEG/PNG/WebP/BMP image ({len(data)} bytes): {exc}"
         ) from None
+
+
+def _plain_jpeg(data: bytes, limits: DecodeLimits) -> np.ndarray | None:
+    """libjpeg-turbo straight into numpy (simplejpeg) for colour JPEGs without EXIF: the
+    same pixels as Pillow (same library, same defaults) at 1.2-3.5x the speed (make bench,
+    bench_decode.py). None sends the image down the Pillow path, which handles EXIF
+    orientation, grey/CMYK and reports corrupt data."""
+    if not data.startswith(b"\xff\xd8") or _jpeg_may_have_exif(data):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except Exception:  # any complaint: Pillow decodes or reports it
+        return None
+    if colorspace != "YCbCr":
+        return None
+    if width * height > limits.max_pixels:
+        raise ImageRejected(
+            "TOO_MANY_PIXELS",
+            f"image is {width}x{height} = {width * height} pixels, "
+            f"the limit is {limits.max_pixels} (max_image_pixels)",
+        )
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except Exception:
+        return None
+
+
+def _jpeg_may_have_exif(data: bytes) -> bool:
+    """Walks the JPEG segments before the first scan; True on an EXIF APP1 segment or on
+    anything unexpected (the caller then lets Pillow decide)."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return True
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xDA:  # start of scan: no metadata segments follow
+            return False
+        if marker == 0xE1 and data[i + 4 : i + 10] == b"Exif\x00\x00":
+            return True
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return True
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
