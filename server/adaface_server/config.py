@@ -233,7 +233,9 @@ class Settings:
     )
     reuse_port: bool = field(
         default=False,
-        metadata={"help": "share the gRPC and HTTP ports with other processes (SO_REUSEPORT; workers)"},
+        metadata={
+            "help": "share the gRPC and HTTP ports with other processes (SO_REUSEPORT; workers)"
+        },
     )
     worker_state_dir: str = field(
         default="", metadata={"help": "set by the supervisor: where workers report readiness"}
