@@ -51,7 +51,12 @@ class Settings:
         default=1, metadata={"help": "threads decoding and aligning images"}
     )
     max_message_bytes: int = field(
-        default=64 * 1024 * 1024, metadata={"help": "largest gRPC message, bytes"}
+        default=64 * 1024 * 1024,
+        metadata={
+            "help": "largest gRPC message, bytes: room for one image at --max-image-bytes "
+            "or 64 photos of 1 MiB; callers without a valid token are refused before any "
+            "of it is read"
+        },
     )
     grace_seconds: float = field(
         default=10.0, metadata={"help": "SIGTERM: time to finish in-flight requests"}
