@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,8 +31,44 @@ class ImageRejected(ValueError):
         self.reason = reason
 
 
-def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
-    """Decodes JPEG/PNG/WebP/BMP bytes to RGB uint8, applying EXIF orientation."""
+def decode_image(
+    data: bytes, limits: DecodeLimits, exact_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Decodes JPEG/PNG/WebP/BMP bytes to RGB uint8, applying EXIF orientation.
+
+    With `exact_size` (width, height), an image of any other size is refused as NOT_ALIGNED
+    from its header, before any pixel is decoded."""
+    with _opened(data, limits) as img:
+        if exact_size is not None and img.size != exact_size:
+            # A 90-degree EXIF rotation of a square is still that square, so the header
+            # size is the size that matters.
+            raise ImageRejected(
+                "NOT_ALIGNED",
+                f"an aligned face crop must be {exact_size[0]}x{exact_size[1]}, got "
+                f"{img.size[0]}x{img.size[1]} (send landmarks, or use ALIGNMENT_DETECT on a "
+                "detecting server)",
+            )
+        return _pixels(img)
+
+
+def decode_reduced(data: bytes, limits: DecodeLimits, max_side: int) -> tuple[np.ndarray, float]:
+    """Decodes for face detection: a JPEG whose long side is over twice `max_side` is decoded
+    at 1/2, 1/4 or 1/8 scale (never below `max_side`), costing a fraction of a full decode.
+    Returns the pixels and the factor from their coordinates to the original image's."""
+    with _opened(data, limits) as img:
+        width, height = img.size
+        long_side = max(width, height)
+        if img.format == "JPEG" and long_side > 2 * max_side:
+            ratio = max_side / long_side
+            img.draft("RGB", (max(1, int(width * ratio)), max(1, int(height * ratio))))
+        factor = long_side / max(img.size)
+        return _pixels(img), factor
+
+
+@contextlib.contextmanager
+def _opened(data: bytes, limits: DecodeLimits) -> Iterator[Image.Image]:
+    """The image with only its header read, its byte and pixel counts checked; errors while
+    reading or decoding it become UNDECODABLE."""
     if len(data) > limits.max_bytes:
         raise ImageRejected(
             "TOO_MANY_BYTES",
@@ -50,11 +88,7 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
                     f"image is {width}x{height} = {width * height} pixels, "
                     f"the limit is {limits.max_pixels} (max_image_pixels)",
                 )
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            if img.mode != "RGB":
-                img = _to_rgb(img)
-            return np.asarray(img)
+            yield img
     except ImageRejected:
         raise
     except UnidentifiedImageError:
@@ -66,6 +100,14 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
         raise ImageRejected(
             "UNDECODABLE", f"not a decodable JPEG/PNG/WebP/BMP image ({len(data)} bytes): {exc}"
         ) from None
+
+
+def _pixels(img: Image.Image) -> np.ndarray:
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    if img.mode != "RGB":
+        img = _to_rgb(img)
+    return np.asarray(img)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
