@@ -30,7 +30,7 @@ from .errors import StartupError
 from .gallery.service import GalleryService
 from .metrics import Metrics
 from .sampling.service import SamplingService
-from .security import load_tokens, server_credentials
+from .security import bearer_allowed, load_tokens, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class App:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(gallery_labels=settings.metrics_gallery_labels)
         # Read here so a bad token file or certificate stops the server at start-up.
         tokens = load_tokens(settings)
         self._credentials = server_credentials(settings)
@@ -105,7 +105,11 @@ class App:
             hint = " or the TLS key does not match its certificate" if self._credentials else ""
             raise StartupError(f"cannot listen on {address}: the port is in use{hint}")
         settings = self.settings
-        self.metrics_port = self.metrics.serve(settings.metrics_host, settings.metrics_port)
+        self.metrics_port = self.metrics.serve(
+            settings.metrics_host,
+            settings.metrics_port,
+            lambda header: bearer_allowed(self.calls.tokens, header),
+        )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         log.info(

@@ -140,7 +140,17 @@ class Settings:
         default=9464,
         metadata={"help": "Prometheus /metrics HTTP port (0 picks a free one, -1 turns it off)"},
     )
-    metrics_host: str = field(default="0.0.0.0", metadata={"help": "address /metrics binds"})
+    metrics_host: str = field(
+        default="127.0.0.1",
+        metadata={
+            "help": "address /metrics binds (0.0.0.0 for every interface); with tokens "
+            "configured a scrape needs 'Authorization: Bearer <token>'"
+        },
+    )
+    metrics_gallery_labels: bool = field(
+        default=True,
+        metadata={"help": "label gallery sizes by gallery name (false: totals only)"},
+    )
     sampling_max_identities: int = field(
         default=2_000_000, metadata={"help": "identities accepted in one Sampling.BuildEpoch"}
     )

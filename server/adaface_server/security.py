@@ -77,6 +77,16 @@ class TokenSet:
         return None if best is None else Caller(best, fingerprint(presented))
 
 
+def bearer_allowed(tokens: TokenSet, header: str | None) -> bool:
+    """Whether an HTTP `Authorization` header may pass: any valid token does, and with no
+    tokens configured no header is needed."""
+    if not tokens.enabled:
+        return True
+    scheme, _, token = (header or "").partition(" ")
+    token = token.strip()
+    return scheme.lower() == "bearer" and bool(token) and tokens.check(token) is not None
+
+
 def _read_tokens(source: str, text: str) -> list[str]:
     tokens = []
     for number, raw in enumerate(text.splitlines(), 1):
