@@ -102,8 +102,8 @@ class App:
         except RuntimeError:
             self.port = 0
         if self.port == 0:
-            hint = " or the TLS key does not match its certificate" if self._credentials else ""
-            raise StartupError(f"cannot listen on {address}: the port is in use{hint}")
+            # The TLS key pair was checked when the credentials were made.
+            raise StartupError(f"cannot listen on {address}: the port is in use")
         settings = self.settings
         self.metrics_port = self.metrics.serve(
             settings.metrics_host,

@@ -12,6 +12,7 @@ import enum
 import hashlib
 import hmac
 import os
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     key = _read_pem(settings.tls_private_key, "private key", b"PRIVATE KEY")
     chain = _read_pem(settings.tls_certificate, "certificate", b"CERTIFICATE")
+    _check_key_pair(settings.tls_certificate, settings.tls_private_key)
     client_ca = None
     if settings.tls_client_ca:
         client_ca = _read_pem(settings.tls_client_ca, "client CA", b"CERTIFICATE")
@@ -151,3 +153,23 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+def _check_key_pair(certificate: str, private_key: str) -> None:
+    """gRPC only reports a key that does not fit its certificate as a failure to bind;
+    OpenSSL (through `ssl`) says so precisely, before any port is touched."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # An encrypted key gets an empty password and fails here (gRPC cannot use one).
+        context.load_cert_chain(
+            Path(certificate).expanduser(), Path(private_key).expanduser(), password=b""
+        )
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise StartupError(
+                f"the TLS private key {private_key} does not match the certificate {certificate}"
+            ) from None
+        raise StartupError(
+            f"cannot use the TLS certificate {certificate} with the private key "
+            f"{private_key}: {exc.reason or exc}"
+        ) from None
