@@ -7,7 +7,6 @@ import logging
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from adaface.v1 import (
     embedder_pb2,
@@ -22,6 +21,7 @@ from . import memory
 from .api.embedder import EmbedderServicer
 from .api.gallery import GalleryServicer
 from .api.interceptor import RequestInterceptor
+from .api.reflection import enable_reflection
 from .api.sampling import SamplingServicer
 from .backends.base import create_backend
 from .config import Settings
@@ -83,9 +83,7 @@ class App:
         self.metrics.live.queue_depth = lambda: self.embedding.queued_rows
         self.metrics.live.gallery_sizes = self.gallery.sizes
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self.server)
         self.port = 0
         self.metrics_port = -1
         self._loader: asyncio.Task | None = None
