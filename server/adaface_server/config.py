@@ -111,6 +111,14 @@ class Settings:
         default=1_000_000,
         metadata={"help": "requests accepted on one EmbedStream/EnrollStream/Import stream"},
     )
+    stream_idle_seconds: float = field(
+        default=60.0,
+        metadata={
+            "help": "a request stream (EmbedStream, EnrollStream, Import, BuildEpoch) that "
+            "sends nothing for this long while the server waits is ended with "
+            "DEADLINE_EXCEEDED (0: no limit)"
+        },
+    )
     tls_certificate: str = field(
         default="", metadata={"help": "TLS: PEM certificate chain of this server ('' = no TLS)"}
     )

@@ -9,7 +9,9 @@ In order, for each call:
      than its flow-control window;
   3. the request body is checked: over `max_message_bytes` or not a valid protobuf of the
      RPC's request type is INVALID_ARGUMENT naming the limit or the type, instead of gRPC's
-     generic answers; a request stream longer than `max_stream_requests` is cut off likewise;
+     generic answers; a request stream longer than `max_stream_requests` is cut off likewise,
+     and one that sends nothing for `stream_idle_seconds` while the server waits for it is
+     ended with DEADLINE_EXCEEDED naming the setting;
   4. the servicer runs with the request id and deadline in context variables;
   5. the outcome is counted (Prometheus) and logged as one line.
 """
@@ -30,7 +32,13 @@ from typing import Any
 import grpc
 
 from ..config import Settings
-from ..errors import InvalidArgument, PermissionDenied, ServiceError, Unauthenticated
+from ..errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    PermissionDenied,
+    ServiceError,
+    Unauthenticated,
+)
 from ..logs import ACCESS_LOGGER
 from ..metrics import Metrics
 from ..request_context import Call, current_call
@@ -190,7 +198,18 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         self, requests: AsyncIterator[Any], tally: _Tally
     ) -> AsyncIterator[Any]:
         limit = self._settings.max_stream_requests
-        async for request in requests:
+        idle = self._settings.stream_idle_seconds
+        stream = aiter(requests)
+        while True:
+            try:
+                request = await asyncio.wait_for(anext(stream), idle if idle > 0 else None)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"stream message {tally.messages}: nothing arrived for {idle:g} s "
+                    "(stream_idle_seconds); send messages sooner or half-close the stream"
+                ) from None
             if isinstance(request, _Malformed):
                 raise InvalidArgument(f"stream message {tally.messages}: {request.message}")
             tally.messages += 1
