@@ -365,6 +365,10 @@ def image_cases(draw, for_detect: bool = False, clean: bool | None = None) -> Im
     invalid, mode = image_field_error(msg, for_detect)
     if source.outcomes is not None:
         outcomes = set(source.outcomes)
+    elif source.kind == "bomb" and mode == ALIGNED and source.size != (CROP, CROP):
+        # The header alone settles it: an aligned crop of another size is refused before
+        # its (missing) pixels are decoded.
+        outcomes = {"NOT_ALIGNED"}
     elif source.corrupt:
         outcomes = {"UNDECODABLE", "TOO_MANY_PIXELS"} | decoded_outcomes(mode, None, label)
     else:
