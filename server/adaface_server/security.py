@@ -144,10 +144,10 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     key = _read_pem(settings.tls_private_key, "private key", b"PRIVATE KEY")
     chain = _read_pem(settings.tls_certificate, "certificate", b"CERTIFICATE")
-    _check_key_pair(settings.tls_certificate, settings.tls_private_key)
     client_ca = None
     if settings.tls_client_ca:
         client_ca = _read_pem(settings.tls_client_ca, "client CA", b"CERTIFICATE")
+    _check_key_pair(settings.tls_certificate, settings.tls_private_key)  # every file read
     return grpc.ssl_server_credentials(
         [(key, chain)],
         root_certificates=client_ca,
