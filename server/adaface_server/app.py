@@ -9,7 +9,6 @@ import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from adaface.v1 import (
     embedder_pb2,
@@ -24,6 +23,7 @@ from . import memory
 from .api.embedder import EmbedderServicer
 from .api.gallery import GalleryServicer
 from .api.interceptor import RequestInterceptor
+from .api.reflection import enable_reflection
 from .api.sampling import SamplingServicer
 from .api.web.server import HttpServer
 from .backends.base import create_backend
@@ -33,7 +33,7 @@ from .errors import StartupError
 from .gallery.service import GalleryService
 from .metrics import Metrics
 from .sampling.service import SamplingService
-from .security import load_tokens, server_credentials
+from .security import bearer_allowed, load_tokens, server_credentials
 from .supervisor import WorkerReadiness, publish_live_gauges
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class App:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(gallery_labels=settings.metrics_gallery_labels)
         # Read here so a bad token file or certificate stops the server at start-up.
         tokens = load_tokens(settings)
         self._credentials = server_credentials(settings)
@@ -93,9 +93,7 @@ class App:
         self.metrics.live.queue_depth = lambda: self.embedding.queued_rows
         self.metrics.live.gallery_sizes = self.gallery.sizes
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self.server)
         self.port = 0
         self.metrics_port = -1
         self.http_port = -1
@@ -118,13 +116,17 @@ class App:
         except RuntimeError:
             self.port = 0
         if self.port == 0:
-            hint = " or the TLS key does not match its certificate" if self._credentials else ""
+            # The TLS key pair was checked when the credentials were made.
             raise StartupError(
-                f"cannot listen on {address}: the port is in use{hint}; if another "
+                f"cannot listen on {address}: the port is in use; if another "
                 "adaface-server holds it, pick another port with --port (ADAFACE_PORT)"
             )
         settings = self.settings
-        self.metrics_port = self.metrics.serve(settings.metrics_host, settings.metrics_port)
+        self.metrics_port = self.metrics.serve(
+            settings.metrics_host,
+            settings.metrics_port,
+            lambda header: bearer_allowed(self.calls.tokens, header),
+        )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.http is not None:
             await self._start_http()

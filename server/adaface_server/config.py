@@ -52,7 +52,12 @@ class Settings:
         default=1, metadata={"help": "threads decoding and aligning images"}
     )
     max_message_bytes: int = field(
-        default=64 * 1024 * 1024, metadata={"help": "largest gRPC message, bytes"}
+        default=64 * 1024 * 1024,
+        metadata={
+            "help": "largest gRPC message, bytes: room for one image at --max-image-bytes "
+            "or 64 photos of 1 MiB; callers without a valid token are refused before any "
+            "of it is read"
+        },
     )
     grace_seconds: float = field(
         default=10.0, metadata={"help": "SIGTERM: time to finish in-flight requests"}
@@ -107,6 +112,14 @@ class Settings:
         default=1_000_000,
         metadata={"help": "requests accepted on one EmbedStream/EnrollStream/Import stream"},
     )
+    stream_idle_seconds: float = field(
+        default=60.0,
+        metadata={
+            "help": "a request stream (EmbedStream, EnrollStream, Import, BuildEpoch) that "
+            "sends nothing for this long while the server waits is ended with "
+            "DEADLINE_EXCEEDED (0: no limit)"
+        },
+    )
     tls_certificate: str = field(
         default="", metadata={"help": "TLS: PEM certificate chain of this server ('' = no TLS)"}
     )
@@ -136,13 +149,23 @@ class Settings:
         default=9464,
         metadata={"help": "Prometheus /metrics HTTP port (0 picks a free one, -1 turns it off)"},
     )
-    metrics_host: str = field(default="0.0.0.0", metadata={"help": "address /metrics binds"})
     http_port: int = field(
         default=-1,
         metadata={
             "help": "HTTP/JSON API and web console port on --host (0 picks a free one, "
             "-1 turns it off)"
         },
+    )
+    metrics_host: str = field(
+        default="127.0.0.1",
+        metadata={
+            "help": "address /metrics binds (0.0.0.0 for every interface); with tokens "
+            "configured a scrape needs 'Authorization: Bearer <token>'"
+        },
+    )
+    metrics_gallery_labels: bool = field(
+        default=True,
+        metadata={"help": "label gallery sizes by gallery name (false: totals only)"},
     )
     sampling_max_identities: int = field(
         default=2_000_000, metadata={"help": "identities accepted in one Sampling.BuildEpoch"}

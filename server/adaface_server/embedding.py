@@ -182,7 +182,7 @@ class EmbeddingService:
         elif meta.get("weights") == "unknown":
             weights = f"unknown: no local metadata.json for the model on {self.backend.target}"
         else:
-            weights = f"checkpoint {meta.get('checkpoint') or '?'}"
+            weights = _checkpoint_weights(meta)
         return ModelInfo(
             model_name=spec.name,
             arch=spec.arch,
@@ -384,3 +384,10 @@ class EmbeddingService:
         finally:
             self._inflight_rows -= rows
         return np.concatenate([e for e, _ in results]), np.concatenate([n for _, n in results])
+
+
+def _checkpoint_weights(meta: dict) -> str:
+    """'checkpoint <file> (sha256 <first 12 digits>)' from the exporter's metadata.json."""
+    name = meta.get("checkpoint_file") or "(file name not recorded)"
+    digest = meta.get("checkpoint_sha256")
+    return f"checkpoint {name}" + (f" (sha256 {digest[:12]})" if digest else "")

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from .config import Settings
 from .errors import StartupError
+from .metrics import serve_registry
+from .security import bearer_allowed, load_tokens
 
 log = logging.getLogger("adaface_server.supervisor")
 
@@ -114,20 +116,27 @@ async def publish_live_gauges(live, seconds: float = LIVE_PUBLISH_SECONDS) -> No
         "adaface_queue_depth", "Images waiting for (or in flight to) the model backend",
         registry=None, multiprocess_mode="livesum",
     )  # fmt: skip
+    # Gallery names can be confidential (--metrics-gallery-labels false): totals instead.
+    labels = ["gallery"] if live.gallery_labels else []
     identities = Gauge(
-        "adaface_gallery_identities", "Identities enrolled per gallery", ["gallery"],
+        "adaface_gallery_identities", "Identities enrolled per gallery", labels,
         registry=None, multiprocess_mode="livemax",
     )  # fmt: skip
     samples = Gauge(
-        "adaface_gallery_samples", "Samples enrolled per gallery", ["gallery"],
+        "adaface_gallery_samples", "Samples enrolled per gallery", labels,
         registry=None, multiprocess_mode="livemax",
     )  # fmt: skip
     while True:
         in_flight.set(live.in_flight())
         queue.set(live.queue_depth())
-        for name, n_identities, n_samples in live.gallery_sizes():
-            identities.labels(name).set(n_identities)
-            samples.labels(name).set(n_samples)
+        sizes = list(live.gallery_sizes())
+        if labels:
+            for name, n_identities, n_samples in sizes:
+                identities.labels(name).set(n_identities)
+                samples.labels(name).set(n_samples)
+        else:
+            identities.set(sum(s[1] for s in sizes))
+            samples.set(sum(s[2] for s in sizes))
         await asyncio.sleep(seconds)
 
 
@@ -203,16 +212,17 @@ class Supervisor:
     def _serve_metrics(self) -> None:
         if self.settings.metrics_port < 0:
             return
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(self.metrics_dir))
         host, port = self.settings.metrics_host, self.settings.metrics_port
-        try:
-            self._http, _ = start_http_server(port, addr=host, registry=registry)
-        except OSError as exc:
-            raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+        # The same bearer-token rule as a single server's /metrics.
+        tokens = load_tokens(self.settings)
+        self._http = serve_registry(
+            registry, host, port, lambda header: bearer_allowed(tokens, header)
+        )
         log.info(
             "metrics of %d workers on http://%s:%d/metrics",
             self.count,

@@ -46,7 +46,8 @@ def pillow_pixels(data: bytes) -> np.ndarray:
 @pytest.mark.parametrize("shape", [(112, 112), (480, 640), (37, 53)])
 def test_fast_path_equals_pillow(options, shape):
     data = jpeg(photo(*shape), **options)
-    fast = decode._plain_jpeg(data, LIMITS)
+    assert decode._plain_jpeg_size(data, LIMITS) == (shape[1], shape[0])
+    fast = decode._decode_plain_jpeg(data)
     assert fast is not None  # the fast path was taken
     np.testing.assert_array_equal(fast, pillow_pixels(data))
     np.testing.assert_array_equal(decode_image(data, LIMITS), pillow_pixels(data))
@@ -58,7 +59,7 @@ def test_exif_grey_and_cmyk_take_the_pillow_path():
     exif[0x0112] = 6  # rotate 90 CW on display
     rotated = jpeg(arr, quality=95, exif=exif)
     for data in (rotated, jpeg(arr, "L"), jpeg(arr, "CMYK")):
-        assert decode._plain_jpeg(data, LIMITS) is None
+        assert decode._plain_jpeg_size(data, LIMITS) is None
         np.testing.assert_array_equal(decode_image(data, LIMITS), pillow_pixels(data))
     assert decode_image(rotated, LIMITS).shape == (30, 20, 3)
 
