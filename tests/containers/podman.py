@@ -41,14 +41,24 @@ class PodmanError(RuntimeError):
     """A podman command failed; the message holds its command line and output tail."""
 
 
-def debian_mirror() -> str:
-    """The Debian mirror apt already uses on this machine (the only one reachable)."""
-    sources = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
+def debian_mirror(suite: str = "bookworm") -> str:
+    """The mirror apt already uses on this machine for Debian `suite` (the one reachable)."""
+    listed = sorted(Path("/etc/apt/sources.list.d").glob("*"))
+    # apt reads only *.list and *.sources there (not e.g. *.disabled files).
+    sources = [Path("/etc/apt/sources.list")]
+    sources += [p for p in listed if p.suffix in (".list", ".sources")]
     for path in sources:
         text = path.read_text(errors="replace") if path.is_file() else ""
-        for match in re.finditer(r"(?:^deb\s+(?:\[[^]]*\]\s+)?|^URIs:\s*)(\S+)", text, re.M):
-            if "security" not in match.group(1):
+        # One-line format: deb [options] URI SUITE COMPONENTS...
+        for match in re.finditer(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", text, re.M):
+            if match.group(2) == suite:
                 return match.group(1)
+        # deb822 format: stanzas with URIs: and Suites: fields.
+        for stanza in re.split(r"\n\s*\n", text):
+            uris = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
+            suites = re.search(r"^Suites:(.*)$", stanza, re.M)
+            if uris and suites and suite in suites.group(1).split():
+                return uris.group(1)
     return "http://deb.debian.org/debian"
 
 
@@ -188,6 +198,8 @@ class Podman:
         for key, value in (build_args or {}).items():
             args += ["--build-arg", f"{key}={value}"]
         self(*args, str(context), timeout=1500)
+        # Images this tag replaced (earlier source versions) would pile up in the cache.
+        self("image", "prune", "-f", check=False)
 
 
 def wheelhouse(dest: Path = CACHE / "wheelhouse") -> Path:
