@@ -1,5 +1,5 @@
 # adaface-serving front door: `make serve`, `make test`, `make bench`, `make soak`, `make proto`,
-# `make lint`.
+# `make lint`, `make test-containers`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -24,7 +24,7 @@ from adaface_client.client import Unavailable
 from ..integration.server_harness import ServerThread, server_settings
 from ..integration.triton_harness import free_port
 from .podman import Podman
-from .stack import StackPaths, environment, generate
+from .stack import StackPaths, environment, extra_services, generate
 from .test_server_image import PHOTO
 
 ARCH, MODEL = "ir_18", "adaface_ir18"
@@ -87,9 +87,17 @@ def stack(podman, server_image, triton_image, tmp_path_factory) -> Iterator[Stac
         folder.mkdir(mode=0o755)
     ports = {port: free_port() for port in CONTAINER_PORTS}
     file = work / "compose.test.yaml"
-    file.write_text(yaml.safe_dump(generate(paths, ports), sort_keys=False))
+    document = generate(paths, ports)
+    file.write_text(yaml.safe_dump(document, sort_keys=False))
     compose = Compose(podman, file, f"adaface-test-{os.getpid()}", environment(paths, MODEL, ARCH))
     try:
+        # Hook for services the real file gains (e.g. postgres for shared galleries): they
+        # start first, and their image must exist locally (built by a fixture like
+        # triton_image, since no registry is reachable).
+        for service in sorted(extra_services(document)):
+            compose("up", "-d", "--no-deps", service)
+            if "healthcheck" in document["services"][service]:
+                podman.wait_healthy(compose.container(service))
         compose("up", "-d", "--no-deps", "export")
         export = compose.container("export")
         exit_code = podman("wait", export, timeout=600).stdout.strip()
