@@ -42,7 +42,7 @@ serve: venv
 test: venv
 	$(PY) -m pytest -q
 
-# Builds and runs the images with rootful podman, offline (~10 min cold, less warm): the server
+# Builds and runs the images with rootful podman, offline (~12 min cold, ~4 warm): the server
 # image alone, then the export -> triton -> server stack with podman-compose. Installs the
 # Debian packages it needs when missing; the base rootfs, wheels and images stay cached in
 # .cache/containers/ (delete it to start from nothing).
