@@ -49,6 +49,10 @@ class Container:
             "-p", f"{self.address}:50051",
             "-v", f"{models}:/models:ro",
             "-v", f"{self.volume}:/data",
+            # As docker/k8s/server.yaml runs it: read-only root filesystem with an empty /tmp,
+            # no capabilities, no privilege escalation.
+            "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+            "--security-opt", "no-new-privileges",
             image,
             "--model", model, "--threads", "1", "--grace-seconds", str(GRACE_SECONDS),
         ]  # fmt: skip
@@ -87,12 +91,14 @@ def reference(model_repository) -> Iterator[np.ndarray]:
     return embeddings
 
 
-def test_runs_unprivileged_with_the_model_read_only(podman, container):
+def test_runs_unprivileged_with_the_model_and_root_filesystem_read_only(podman, container):
     assert podman.inspect(container.name)["Config"]["User"].startswith("adaface")
     assert podman("exec", container.name, "id", "-u").stdout.strip() == UID
     denied = podman("exec", container.name, "touch", "/models/written", check=False)
     assert denied.returncode != 0 and "Read-only file system" in denied.stderr
     podman("exec", container.name, "touch", "/data/writable")
+    root = podman("exec", container.name, "touch", "/srv/written", check=False)
+    assert root.returncode != 0 and "Read-only file system" in root.stderr
 
 
 def test_embeds_a_host_photo_through_the_published_port(container, reference):
