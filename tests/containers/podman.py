@@ -205,21 +205,25 @@ class Podman:
 def wheelhouse(dest: Path = CACHE / "wheelhouse") -> Path:
     """Every wheel the server image installs, downloaded on the host (pinned, binary only).
 
-    The project itself is built from source inside the image, so its build backend
+    The projects themselves are built from source inside the image, so their build backend
     (setuptools) is here too; so is the facenet-pytorch wheel the MTCNN fetch step reads.
     """
     marker = dest / ".complete"
-    stamp = (ROOT / "constraints.txt").read_text() + (ROOT / "pyproject.toml").read_text()
+    # The image installs these local projects (client/ too once it is a distribution).
+    projects = [p for p in (ROOT / "client", ROOT) if (p / "pyproject.toml").is_file()]
+    stamp = (ROOT / "constraints.txt").read_text()
+    stamp += "".join((p / "pyproject.toml").read_text() for p in projects)
     if marker.is_file() and marker.read_text() == stamp:
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "download", "-q", "-d", str(dest)]
     constraints = ["-c", str(ROOT / "constraints.txt")]
     # The image's requirements: the project's runtime deps plus what builds it.
-    _run([*pip, *constraints, "--only-binary=:all:", str(ROOT), "setuptools>=69"], timeout=900)
+    local = [str(p) for p in projects]
+    _run([*pip, *constraints, "--only-binary=:all:", *local, "setuptools>=69"], timeout=900)
     _run([*pip, "--no-deps", "--only-binary=:all:", "facenet-pytorch==2.6.0"], timeout=300)
-    for stray in dest.glob("adaface_serving-*"):
-        stray.unlink()  # the project itself is copied in as source
+    for stray in dest.glob("adaface[_-]*"):
+        stray.unlink()  # the projects themselves are copied in as source
     marker.write_text(stamp)
     return dest
 
