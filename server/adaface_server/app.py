@@ -107,7 +107,7 @@ class App:
     async def start(self) -> int:
         address = f"{self.settings.host}:{self.settings.port}"
         try:
-            if _port_taken(self.settings.host, self.settings.port):
+            if _port_taken(self.settings.host, self.settings.port, self.settings.reuse_port):
                 raise RuntimeError(address)  # gRPC would log its own line on top of ours
             if self._credentials is None:
                 self.port = self.server.add_insecure_port(address)
@@ -256,8 +256,9 @@ def _transport(settings: Settings) -> str:
     return "mutual TLS" if settings.tls_client_ca else "TLS"
 
 
-def _port_taken(host: str, port: int) -> bool:
-    """True when something already listens on host:port (checked the way gRPC binds)."""
+def _port_taken(host: str, port: int, reuse_port: bool = False) -> bool:
+    """True when something already listens on host:port (checked the way gRPC binds: with
+    `reuse_port`, as a worker sharing the port with its siblings)."""
     if port == 0:
         return False
     try:
@@ -269,6 +270,8 @@ def _port_taken(host: str, port: int) -> bool:
     for family, kind, proto, _, addr in infos:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
                 probe.bind(addr)
             except OSError as exc:

@@ -1,12 +1,11 @@
 """`--workers 2`: a supervising parent and two real server processes sharing one gRPC port
-(SO_REUSEPORT), restart of a killed worker, SIGTERM drain, aggregated /metrics.
-
-Independent of galleries: until galleries are shared through a store several processes can
-open, only one process may hold a gallery file, so each run gets its own throw-away file."""
+(SO_REUSEPORT), restart of a killed worker, SIGTERM drain, aggregated /metrics, galleries
+shared through the store and one HTTP port for both workers."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -14,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -21,15 +21,30 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from adaface.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc
+from adaface.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc, gallery_pb2, gallery_pb2_grpc
 
-from .gallery_support import REPO, crop, free_port, png, wait_serving
+from .gallery_support import (
+    REPO,
+    crop,
+    free_port,
+    png,
+    unit_vectors,
+    vector_sample,
+    wait_serving,
+)
 
 
 class Workers:
     """`python -m adaface_server --workers 2` as a child process."""
 
-    def __init__(self, repository: Path, model: str, tmp_path: Path) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        model: str,
+        tmp_path: Path,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = tmp_path / "supervisor.log"
@@ -40,10 +55,11 @@ class Workers:
             "--threads", "1", "--precision", "fp32", "--detector", "none",
             "--gallery-path", str(tmp_path / "g.db"), "--metrics-port", "0",
             "--metrics-host", "127.0.0.1", "--log-format", "text", "--grace-seconds", "10",
+            *extra,
         ]  # fmt: skip
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                 stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
@@ -181,3 +197,74 @@ def test_workers_refuse_a_port_a_plain_server_holds(ir18_repository, tmp_path):
         )  # fmt: skip
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_workers_share_galleries_the_http_port_and_a_guarded_metrics_port(
+    ir18_repository, tmp_path
+):
+    """Each call on a fresh connection lands on either worker (the kernel spreads them):
+    a write acknowledged by one is read by the other, the HTTP API is served by both on one
+    port, and the aggregated /metrics asks for a token as a single server's does."""
+    repository, model = ir18_repository
+    http_port = free_port()
+    group = Workers(
+        repository, model, tmp_path, extra=("--http-port", str(http_port)),
+        env={"ADAFACE_AUTH_TOKENS": "worker-test-token"},
+    )  # fmt: skip
+    auth = (("authorization", "Bearer worker-test-token"),)
+    try:
+        wait_serving(group.address, group.proc, group.log, timeout=300)
+        pids = set(group.worker_pids())
+        assert len(pids) == 2
+
+        def gallery_call(method: str, request):
+            with grpc.insecure_channel(group.address) as channel:
+                stub = gallery_pb2_grpc.GalleryStub(channel)
+                return getattr(stub, method)(request, timeout=60, metadata=auth)
+
+        gallery_call("CreateGallery", gallery_pb2.CreateGalleryRequest(name="workers"))
+        vectors = unit_vectors(30, seed=7)
+        for i, vector in enumerate(vectors):
+            gallery_call(
+                "Enroll",
+                gallery_pb2.EnrollRequest(
+                    gallery="workers", identity=f"p{i}", samples=[vector_sample(vector)]
+                ),
+            )
+            found = gallery_call(
+                "Search",
+                gallery_pb2.SearchRequest(
+                    gallery="workers", probes=[vector_sample(vector)], top_k=1
+                ),
+            )
+            assert found.results[0].matches[0].identity == f"p{i}"
+        listed = gallery_call("GetGallery", gallery_pb2.GetGalleryRequest(name="workers"))
+        assert listed.identity_count == 30
+
+        seen_http = set()
+        for _ in range(200):  # urllib opens a new connection per request
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{http_port}/v1/info",
+                headers={"Authorization": "Bearer worker-test-token"},
+            )
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                seen_http.add(int(json.loads(reply.read())["worker_pid"]))
+            if seen_http == pids:
+                break
+        assert seen_http == pids
+
+        url = f"http://127.0.0.1:{group.metrics_port()}/metrics"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=10)
+        assert refused.value.code == 401
+        scrape = urllib.request.Request(url, headers={"Authorization": "Bearer worker-test-token"})
+        wanted = 'adaface_gallery_identities{gallery="workers"} 30.0'
+        deadline = time.monotonic() + 30  # workers republish their gauges every second
+        while True:
+            text = urllib.request.urlopen(scrape, timeout=10).read().decode()
+            if wanted in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert wanted in text, text
+    finally:
+        group.stop()
