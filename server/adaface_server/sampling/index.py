@@ -14,7 +14,9 @@ Semantics of the seed's ``GraphSampler.make_index`` (QAConv, Liao & Shao 2021), 
 Where the seed uses the global ``random``/``np.random`` state, this module is a pure function
 of its inputs: the batch order comes from ``np.random.default_rng([seed, epoch])``, and the
 c-th shuffled order of identity j is a keyed pseudorandom permutation of its samples (a
-Feistel network over splitmix64, keyed by (seed, j, c)). A keyed permutation instead of a
+Feistel network over splitmix64, keyed by (seed, j, c)). With ``first_pass_in_order`` the
+0-th order is the identity's samples as given (the seed reads its dataset-ordered lists
+before the first wrap); later orders are shuffled as before. A keyed permutation instead of a
 sequential generator lets a stateless server resume every identity's stream from a cursor
 (samples drawn so far) and compute any draw directly, vectorised over millions of identities.
 """
@@ -45,6 +47,7 @@ class EpochPlan:
     cursors: np.ndarray  # [N] uint64: stream positions after this epoch
     num_instance: int
     seed: int
+    first_pass_in_order: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -74,7 +77,9 @@ class EpochPlan:
         steps = np.arange(self.num_instance, dtype=np.uint64)
         draws = (starts[:, None] + steps).reshape(-1)
         owners = np.repeat(idents, self.num_instance)
-        return self.offsets[owners] + stream_samples(owners, draws, self.counts, self.seed)
+        return self.offsets[owners] + stream_samples(
+            owners, draws, self.counts, self.seed, first_pass_in_order=self.first_pass_in_order
+        )
 
 
 def plan_epoch(
@@ -84,12 +89,15 @@ def plan_epoch(
     num_instance: int,
     seed: int,
     epoch: int,
+    *,
+    first_pass_in_order: bool = False,
 ) -> EpochPlan:
     """Lays out one epoch from the kNN graph.
 
     `neighbours` [N, P-1]: each identity's nearest other identities, nearest first;
     `counts` [N] samples per identity (>= 1); `cursors` [N] samples each identity's stream
-    has yielded in earlier epochs (0 at the start of training).
+    has yielded in earlier epochs (0 at the start of training); `first_pass_in_order`: each
+    stream's first `count` draws are the samples in order (see stream_samples).
     """
     n = neighbours.shape[0]
     counts = np.asarray(counts, dtype=np.int64)
@@ -119,22 +127,34 @@ def plan_epoch(
         cursors=cursors + times_drawn.astype(np.uint64) * np.uint64(num_instance),
         num_instance=num_instance,
         seed=seed,
+        first_pass_in_order=first_pass_in_order,
     )
 
 
 def stream_samples(
-    owners: np.ndarray, draws: np.ndarray, counts: np.ndarray, seed: int
+    owners: np.ndarray,
+    draws: np.ndarray,
+    counts: np.ndarray,
+    seed: int,
+    *,
+    first_pass_in_order: bool = False,
 ) -> np.ndarray:
     """Sample ordinal (0..count-1) at stream position `draws[i]` of identity `owners[i]`.
 
     Identity j's stream is perm(j, 0) ++ perm(j, 1) ++ ..., perm(j, c) being its c-th
     shuffled order: a circular pointer that reshuffles on every wrap. Each draw costs O(1),
-    whatever the identity's size: no permutation is ever materialised.
+    whatever the identity's size: no permutation is ever materialised. With
+    `first_pass_in_order`, perm(j, 0) is the identity (samples 0, 1, ..., count-1).
     """
     owners = np.asarray(owners, dtype=np.int64)
     draws = np.asarray(draws, dtype=np.uint64)
     n_j = counts[owners].astype(np.uint64)
-    return _permute(seed, owners, draws // n_j, draws % n_j, n_j)
+    cycle, x = draws // n_j, draws % n_j
+    out = _permute(seed, owners, cycle, x, n_j)
+    if first_pass_in_order:
+        first = cycle == 0
+        out[first] = x[first].astype(np.int64)
+    return out
 
 
 def shuffled_order(seed: int, identity: int, cycle: int, count: int) -> np.ndarray:

@@ -38,6 +38,7 @@ class SamplingOptions:
     epoch: int = 0
     dim: int = 0  # vector prototype length; 0: inferred
     flip: bool = False
+    first_pass_in_order: bool = False  # stream starts in request order (the seed's)
 
     def validate(self) -> None:
         if self.num_instance < 1:
@@ -233,6 +234,7 @@ class SamplingService:
             opts.num_instance,
             opts.seed,
             opts.epoch,
+            first_pass_in_order=opts.first_pass_in_order,
         )
         log.info(
             "sampling: epoch %d of %d identities (%d samples), P=%d x %d: kNN %.2fs, plan %.2fs",
