@@ -18,7 +18,7 @@ from ..embedding import EmbeddingService
 from ..errors import InvalidArgument, ResourceExhausted
 from ..preprocess.pipeline import ImageItem
 from .index import EpochPlan, plan_epoch
-from .knn import knn
+from .neighbours import neighbours, resolve
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,7 @@ class SamplingService:
             max_workers=settings.sampling_max_builds, thread_name_prefix="sampling"
         )
         self._running = 0
+        self.knn = resolve(settings)
 
     @contextlib.contextmanager
     def build_slot(self) -> Iterator[None]:
@@ -210,7 +211,7 @@ class SamplingService:
         image_vectors = await images.finish()
         model = self.embedding.info().model_name if table.images else ""
         plan = await loop.run_in_executor(self._workers, self._plan, table, image_vectors)
-        return EpochIndex(plan, self.settings.sampling_knn_precision, model)
+        return EpochIndex(plan, self.knn.label, model)
 
     def _plan(self, table: PrototypeTable, image_vectors: np.ndarray | None) -> EpochPlan:
         started = time.perf_counter()
@@ -220,15 +221,10 @@ class SamplingService:
             prototypes[np.frombuffer(table.vector_rows, dtype=np.int64)] = table.vectors()
         if table.images:
             prototypes[[i for i, _ in table.images]] = image_vectors
-        neighbours, _ = knn(
-            prototypes,
-            opts.identities_per_batch - 1,
-            block=self.settings.sampling_knn_block,
-            precision=self.settings.sampling_knn_precision,
-        )
+        graph = neighbours(prototypes, opts.identities_per_batch - 1, self.knn, self.settings)
         knn_s = time.perf_counter() - started
         plan = plan_epoch(
-            neighbours,
+            graph,
             np.frombuffer(table.counts, dtype=np.int64),
             np.frombuffer(table.cursors, dtype=np.uint64),
             opts.num_instance,
@@ -237,12 +233,15 @@ class SamplingService:
             first_pass_in_order=opts.first_pass_in_order,
         )
         log.info(
-            "sampling: epoch %d of %d identities (%d samples), P=%d x %d: kNN %.2fs, plan %.2fs",
+            "sampling: epoch %d of %d identities (%d samples), P=%d x %d: kNN (%s on %s) %.2fs, "
+            "plan %.2fs",
             opts.epoch,
             n,
             plan.num_samples,
             opts.identities_per_batch,
             opts.num_instance,
+            self.knn.method,
+            self.knn.device,
             knn_s,
             time.perf_counter() - started - knn_s,
         )
