@@ -309,17 +309,21 @@ class GraphSampler(torch.utils.data.Sampler[int]):
         self.verbose = verbose
         self.rank, self.world_size = distributed_rank(rank, world_size)
         self.target = resolve_server(server)
-        local_features = model is not None or features is not None
-        if self.target is None and not local_features:
-            hint = ""
-            if img_path is not None and _HOST_PORT.match(os.fspath(img_path)):
-                hint = (
-                    f" ({os.fspath(img_path)!r} was given as img_path, the second positional "
-                    "argument as in the seed; pass the server as server=)"
-                )
+        if (
+            img_path is not None
+            and _HOST_PORT.match(os.fspath(img_path))
+            and not os.path.isdir(img_path)
+        ):
+            # The call shape of earlier versions (address second) must not pass silently.
+            raise ValueError(
+                f"img_path: {os.fspath(img_path)!r} looks like a server address, not a "
+                "folder; the second positional argument is img_path, as in the seed: pass "
+                "the server as server='host:port' (or ADAFACE_SERVER)"
+            )
+        if self.target is None and model is None and features is None:
             raise ValueError(
                 "server: prototypes embedded by the served model need a server; pass "
-                f"server='host:port' or set ADAFACE_SERVER, or give model= or features={hint}"
+                "server='host:port' or set ADAFACE_SERVER, or give model= or features="
             )
         self.pids, self.counts, self._samples = _identities(data_source)
         self.num_pids = len(self.pids)

@@ -59,8 +59,9 @@ def test_served_prototypes_need_a_server():
     with pytest.raises(ValueError, match=r"^server: prototypes embedded by the served model"):
         GraphSampler(DATA, "data/images", batch_size=8, num_instance=2)
     # The old call shape (address second) is caught, not taken as a folder.
-    with pytest.raises(ValueError, match="was given as img_path"):
-        GraphSampler(DATA, "localhost:50051", batch_size=8, num_instance=2)
+    for extra in ({}, {"features": features}):
+        with pytest.raises(ValueError, match=r"^img_path: 'localhost:50051' looks like a server"):
+            GraphSampler(DATA, "localhost:50051", batch_size=8, num_instance=2, **extra)
     with pytest.raises(ValueError, match="first_pass must be one of"):
         GraphSampler(DATA, features=features, batch_size=8, num_instance=2, first_pass="x")
     with pytest.raises(TypeError, match="matcher must be callable"):
