@@ -164,7 +164,7 @@ class Settings:
         metadata={"help": "device of the tiled kNN: cpu, cuda, or auto (cuda when available)"},
     )
     sampling_knn_nprobe: int = field(
-        default=32, metadata={"help": "faiss-ivf: inverted lists searched per identity"}
+        default=16, metadata={"help": "faiss-ivf: inverted lists searched per identity"}
     )
 
     gallery_path: Path = field(
