@@ -9,19 +9,25 @@ MODEL ?= adaface_$(subst _,,$(ARCH))
 REPO ?= model_repository
 CKPT ?=
 PORT ?= 50051
+# HTTP/JSON API and web console (http://localhost:8080/); the server's default leaves it off.
+HTTP_PORT ?= 8080
 # MTCNN face-detector weights (ALIGNMENT_DETECT), fetched and sha256-checked by `make venv`.
 MTCNN_WEIGHTS ?= .cache/mtcnn
 # On a 2-core CPU, forward passes of 8 images beat 32 (make bench); Triton keeps config's 32.
 SERVE_ARGS ?= --max-batch-size 8
 
-.PHONY: venv export serve test test-fast bench soak proto proto-check lint format clean
+.PHONY: venv browser export serve test test-fast bench soak proto proto-check lint format clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml client/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[dev,ray]'
+	# Two distributions: adaface-client (client/: stubs, library, CLIs; no torch) and the server.
+	# An adaface-serving from before the split owns the client's scripts: removed first, or its
+	# uninstall would delete them again.
+	$(PIP) uninstall -q -y adaface-serving
+	$(PIP) install -q -c constraints.txt -e './client[ray]' -e '.[dev]'
 	# Tests and benchmarks run its bundled tritonserver binary; its own pins would clash.
 	$(PIP) install -q --no-deps -c constraints.txt nvidia-pytriton
 	$(PY) -m adaface_server.preprocess.mtcnn_weights --dest $(MTCNN_WEIGHTS)
@@ -36,9 +42,14 @@ export: venv
 serve: venv
 	@if [ -n "$(CKPT)" ] || [ ! -f "$(REPO)/$(MODEL)/1/model.pt" ]; then $(MAKE) --no-print-directory export; fi
 	$(PY) -m adaface_server --model-repository $(REPO) --model $(MODEL) --port $(PORT) \
-		--mtcnn-weights $(MTCNN_WEIGHTS) $(SERVE_ARGS)
+		--http-port $(HTTP_PORT) --mtcnn-weights $(MTCNN_WEIGHTS) $(SERVE_ARGS)
 
-test: venv
+# Debian's chromium for the web-console browser test; installs (as root) only when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+test: venv browser
 	$(PY) -m pytest -q
 
 bench: venv

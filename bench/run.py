@@ -12,6 +12,7 @@ BENCHES = [
     ["bench_model.py"],
     ["bench_detect.py"],
     ["bench_server.py"],
+    ["bench_http.py"],
     ["bench_triton.py"],
     ["bench_gallery.py"],
     ["bench_sampling.py"],

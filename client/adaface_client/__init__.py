@@ -97,5 +97,14 @@ def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ModuleNotFoundError as e:
+            if e.name != "torch":
+                raise
+            raise ImportError(
+                f"adaface_client.{name} is a torch Sampler and needs torch: "
+                "pip install 'adaface-client[torch]'"
+            ) from e
+        return getattr(module, name)
     raise AttributeError(f"module 'adaface_client' has no attribute {name!r}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import re
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+from tqdm import tqdm
 
 from adaface_client.client import (
     AdafaceError,
@@ -43,53 +43,27 @@ class UsageError(Exception):
 
 
 class Progress:
-    """A one-line stderr progress bar: count, rate and ETA, redrawn at most 10 times a second."""
+    """A one-line stderr progress bar (tqdm): count, rate and ETA; nothing when disabled."""
 
     def __init__(self, total: int, stream: TextIO, enabled: bool) -> None:
         self.total = total
-        self.stream = stream
-        self.enabled = enabled
         self.done = 0
-        self._start = time.monotonic()
-        self._last_draw = 0.0
-        self._drawn = -1
+        self._bar = tqdm(
+            total=total,
+            file=stream,
+            disable=not enabled,
+            unit="img",
+            mininterval=0.1,
+            dynamic_ncols=True,
+            bar_format="{bar:24} {n_fmt}/{total_fmt} {rate_fmt} ETA {remaining} elapsed {elapsed}",
+        )
 
     def update(self, n: int) -> None:
         self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self._last_draw >= 0.1 or self.done >= self.total):
-            self._last_draw = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        self._drawn = self.done
-        elapsed = max(now - self._start, 1e-9)
-        rate = self.done / elapsed
-        remaining = (self.total - self.done) / rate if rate > 0 else math.inf
-        width = 24
-        filled = int(width * self.done / self.total) if self.total else width
-        bar = "#" * filled + "." * (width - filled)
-        self.stream.write(
-            f"\r[{bar}] {self.done}/{self.total} {rate:6.1f} img/s "
-            f"ETA {_clock(remaining)} elapsed {_clock(elapsed)} "
-        )
-        self.stream.flush()
+        self._bar.update(n)
 
     def close(self) -> None:
-        if self.enabled:
-            if self._drawn != self.done:
-                self._draw(time.monotonic())
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "--:--"
-    seconds = int(seconds + 0.5)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+        self._bar.close()
 
 
 class _RefuseTokenValue(argparse.Action):
@@ -125,6 +99,32 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
         "--tls-cert", type=Path, metavar="PEM", help="client certificate, for mutual TLS"
     )
     g.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key (--tls-cert)")
+
+
+def add_detection_args(p: argparse.ArgumentParser) -> None:
+    """The face-detection flags every image-taking CLI shares (see detection_options)."""
+    p.add_argument(
+        "--aligned",
+        action="store_true",
+        help="the images are pre-aligned 112x112 crops (default: the server detects the "
+        "best face of each photo with MTCNN and aligns it)",
+    )
+    p.add_argument(
+        "--min-face-size",
+        type=float,
+        default=0.0,
+        help="detection: smallest face in pixels (default: the server's, 20)",
+    )
+
+
+def detection_options(args: argparse.Namespace) -> tuple[str, DetectionOptions]:
+    """The alignment for plain images and the DetectionOptions from add_detection_args."""
+    if args.min_face_size < 0:
+        raise UsageError(f"--min-face-size must be >= 0, got {args.min_face_size}")
+    return (
+        "aligned" if args.aligned else "detect",
+        DetectionOptions(min_face_size=args.min_face_size),
+    )
 
 
 def connection_options(
@@ -173,12 +173,27 @@ def describe_rpc_failure(server: str, error: AdafaceError) -> str:
 
 def find_images(root: Path) -> list[str]:
     """Relative POSIX paths of the images under `root`, recursively, sorted."""
-    found = []
+    return find_files(root)[0]
+
+
+def find_files(root: Path) -> tuple[list[str], list[str]]:
+    """(images, other files) under `root` as sorted relative POSIX paths, recursively."""
+    images, others = [], []
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                found.append((Path(dirpath) / name).relative_to(root).as_posix())
-    return sorted(found)
+            rel = (Path(dirpath) / name).relative_to(root).as_posix()
+            (images if Path(name).suffix.lower() in IMAGE_SUFFIXES else others).append(rel)
+    return sorted(images), sorted(others)
+
+
+def describe_skipped(others: Sequence[str], shown: int = 10) -> str:
+    """One line naming the non-image files that were left out (the first `shown` of them)."""
+    names = ", ".join(others[:shown]) + (
+        f", ... {len(others) - shown} more" if len(others) > shown else ""
+    )
+    kinds = ", ".join(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
+    noun = "file" if len(others) == 1 else "files"
+    return f"skipped {len(others)} non-image {noun} (not {kinds}): {names}"
 
 
 def _landmark_values(values: Sequence[Any], where: str) -> list[float]:
@@ -255,18 +270,7 @@ def _parser() -> argparse.ArgumentParser:
         help="JSON {relative path: [x1,y1,...,x5,y5]} or CSV path,x1,...,y5; listed images "
         "are aligned with these landmarks, the others as usual (detected, or --aligned)",
     )
-    p.add_argument(
-        "--aligned",
-        action="store_true",
-        help="the photos are pre-aligned 112x112 crops (default: the server detects the "
-        "best face of each photo with MTCNN and aligns it)",
-    )
-    p.add_argument(
-        "--min-face-size",
-        type=float,
-        default=0.0,
-        help="detection: smallest face in pixels (default: the server's, 20)",
-    )
+    add_detection_args(p)
     p.add_argument(
         "--concurrency", type=int, default=4, help="requests in flight (default %(default)s)"
     )
@@ -340,7 +344,9 @@ def _run(args: argparse.Namespace) -> int:
     landmarks = load_landmarks(args.landmarks) if args.landmarks else {}
     connection = connection_options(args)
 
-    paths = find_images(root)
+    paths, others = find_files(root)
+    if others:
+        print(f"adaface-embed: {describe_skipped(others)}", file=sys.stderr)
     if not paths:
         raise UsageError(f"no images (jpg, jpeg, png, webp, bmp) under {root}")
     unknown = sorted(set(landmarks) - set(paths))
@@ -355,7 +361,7 @@ def _run(args: argparse.Namespace) -> int:
     sent_labels: list[str] = []
     pending_marks: deque[list[float] | None] = deque()
     pending_modes: deque[str] = deque()
-    plain_mode = "aligned" if args.aligned else "detect"
+    plain_mode, detection = detection_options(args)
 
     def images() -> Iterator[bytes]:
         # Files are read only as requests go out; unreadable ones fail locally.
@@ -408,7 +414,7 @@ def _run(args: argparse.Namespace) -> int:
                 landmarks=marks(),
                 alignment=modes(),
                 progress=progress.update,
-                detection=DetectionOptions(min_face_size=args.min_face_size),
+                detection=detection,
             )
     except AdafaceError as e:
         progress.close()

@@ -276,6 +276,9 @@ class Extractor:
     ) -> Any:
         """Embeds `images` (paths, encoded bytes, PIL images, HxWx3 uint8 arrays).
 
+        Images are photos (the server detects the best face) unless `landmarks` are given or
+        `alignment="aligned"` says they are 112x112 crops.
+
         Without `out`: returns features [N, D] float32 (and norms [N, 1] with `with_norms`).
         With `out` (a .npy path): writes into the memmap there, skipping rows an earlier
         run finished, and returns it. Sharded (`sharded=True` with rank and world size from

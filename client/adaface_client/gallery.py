@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 import grpc
 import numpy as np
 
-from adaface.v1 import common_pb2, embedder_pb2, gallery_pb2, gallery_pb2_grpc
+from adaface.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc
 
 from .client import (
     AdafaceError,
@@ -25,6 +25,8 @@ from .client import (
     from_rpc_error,
     make_image_input,
 )
+from .options import DetectionOptions
+from .requests import _embed_options
 from .transport import REQUEST_ID_KEY, current_request_id
 
 __all__ = [
@@ -228,10 +230,10 @@ def _samples(items: Any, landmarks: Any = None, alignment: Any = None) -> list:
     return out
 
 
-def _operand(item: Any) -> gallery_pb2.VerifyOperand:
+def _operand(item: Any, alignment: Any = None) -> gallery_pb2.VerifyOperand:
     if isinstance(item, IdentityRef):
         return gallery_pb2.VerifyOperand(identity=item.identity)
-    sample = _samples([item])[0]
+    sample = _samples([item], alignment=alignment)[0]
     if sample.HasField("image"):
         return gallery_pb2.VerifyOperand(image=sample.image)
     return gallery_pb2.VerifyOperand(vector=sample.vector)
@@ -312,6 +314,7 @@ class GalleryClient(_SyncChannel):
         landmarks: Any,
         alignment: Any,
         model_checksum: str,
+        detection: DetectionOptions | None = None,
     ) -> gallery_pb2.EnrollRequest:
         return gallery_pb2.EnrollRequest(
             request_id=uuid.uuid4().hex,
@@ -320,7 +323,7 @@ class GalleryClient(_SyncChannel):
             metadata=dict(metadata or {}),
             samples=_samples(samples, landmarks, alignment),
             mode=_enum(_MODES, mode, "mode"),
-            options=embedder_pb2.EmbedOptions(flip_fusion=flip),
+            options=_embed_options(flip, detection),
             model_checksum=model_checksum,
         )
 
@@ -336,13 +339,25 @@ class GalleryClient(_SyncChannel):
         landmarks: Any = None,
         alignment: Any = None,
         model_checksum: str = "",
+        detection: DetectionOptions | None = None,
     ) -> EnrollResult:
         """Enroll `identity` with images and/or vectors (mode create, append or upsert).
 
-        Samples whose image has no usable face are listed in `errors` and not enrolled.
+        Images are photos by default (the server detects the best face; `detection` tunes
+        it); pass alignment="aligned" for 112x112 crops. Samples whose image has no usable
+        face are listed in `errors` and not enrolled.
         """
         request = self._enroll_request(
-            gallery, identity, samples, metadata, mode, flip, landmarks, alignment, model_checksum
+            gallery,
+            identity,
+            samples,
+            metadata,
+            mode,
+            flip,
+            landmarks,
+            alignment,
+            model_checksum,
+            detection,
         )
         return EnrollResult.from_proto(self._call(self._stub.Enroll, request))
 
@@ -358,6 +373,8 @@ class GalleryClient(_SyncChannel):
         mode: str = "create",
         flip: bool = False,
         window: int = 32,
+        alignment: Any = None,
+        detection: DetectionOptions | None = None,
     ) -> Iterator[EnrollResult | AdafaceError]:
         """Bulk enrollment over one EnrollStream: yields, as each becomes durable, an
         EnrollResult, or the AdafaceError of an enrollment that failed as a whole.
@@ -376,7 +393,16 @@ class GalleryClient(_SyncChannel):
                     identity, samples = item[0], item[1]
                     metadata = item[2] if len(item) > 2 else None  # type: ignore[misc]
                     request = self._enroll_request(
-                        gallery, identity, samples, metadata, mode, flip, None, None, ""
+                        gallery,
+                        identity,
+                        samples,
+                        metadata,
+                        mode,
+                        flip,
+                        None,
+                        alignment,
+                        "",
+                        detection,
                     )
                     slots.acquire()
                     if stopping.is_set():
@@ -465,14 +491,17 @@ class GalleryClient(_SyncChannel):
         landmarks: Any = None,
         alignment: Any = None,
         model_checksum: str = "",
+        detection: DetectionOptions | None = None,
     ) -> list[ProbeResult]:
-        """Top-k identities for each probe (images and/or vectors, or an [N, D] matrix)."""
+        """Top-k identities for each probe (images and/or vectors, or an [N, D] matrix).
+
+        Image probes are photos by default; alignment="aligned" for 112x112 crops."""
         request = gallery_pb2.SearchRequest(
             gallery=gallery,
             probes=_samples(probes, landmarks, alignment),
             top_k=top_k,
             scoring=_enum(_SCORING, scoring, "scoring"),
-            options=embedder_pb2.EmbedOptions(flip_fusion=flip),
+            options=_embed_options(flip, detection),
             model_checksum=model_checksum,
         )
         if min_score is not None:
@@ -497,14 +526,18 @@ class GalleryClient(_SyncChannel):
         scoring: str = "max",
         flip: bool = False,
         model_checksum: str = "",
+        alignment: Any = None,
+        detection: DetectionOptions | None = None,
     ) -> VerifyResult:
-        """1:1 score of two operands: images, vectors or IdentityRef (needs `gallery`)."""
+        """1:1 score of two operands: images, vectors or IdentityRef (needs `gallery`).
+
+        Images are photos by default; alignment="aligned" for 112x112 crops."""
         request = gallery_pb2.VerifyRequest(
             gallery=gallery,
-            a=_operand(a),
-            b=_operand(b),
+            a=_operand(a, alignment),
+            b=_operand(b, alignment),
             scoring=_enum(_SCORING, scoring, "scoring"),
-            options=embedder_pb2.EmbedOptions(flip_fusion=flip),
+            options=_embed_options(flip, detection),
             model_checksum=model_checksum,
         )
         if threshold is not None:

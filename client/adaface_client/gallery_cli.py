@@ -15,8 +15,10 @@ from adaface_client.cli import (
     IMAGE_SUFFIXES,
     UsageError,
     add_connection_args,
+    add_detection_args,
     connection_options,
     describe_rpc_failure,
+    detection_options,
     find_images,
 )
 from adaface_client.client import AdafaceError, PermissionDenied, Unauthenticated
@@ -53,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--mode", choices=("create", "append", "upsert"), default="create")
     e.add_argument("--flip", action="store_true", help="flip fusion")
     e.add_argument("--window", type=int, default=32, help="enrollments in flight")
+    add_detection_args(e)
 
     i = sub.add_parser("identities", help="list a gallery's identities")
     i.add_argument("name")
@@ -65,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--scoring", choices=("max", "mean"), default="max")
     s.add_argument("--flip", action="store_true")
     s.add_argument("--json", action="store_true", help="print JSON")
+    add_detection_args(s)
 
     v = sub.add_parser(
         "verify", help="1:1 score; operands are image paths, .npy vectors or id:IDENTITY"
@@ -75,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--threshold", type=float, default=None)
     v.add_argument("--scoring", choices=("max", "mean"), default="max")
     v.add_argument("--flip", action="store_true")
+    add_detection_args(v)
 
     x = sub.add_parser("export", help="write a gallery to an export file")
     x.add_argument("name")
@@ -170,8 +175,15 @@ def _enroll(client: GalleryClient, args: argparse.Namespace) -> int:
     def items() -> Iterator[tuple[str, list[Path]]]:
         yield from folders
 
+    alignment, detection = detection_options(args)
     for result in client.enroll_many(
-        args.name, items(), mode=args.mode, flip=args.flip, window=args.window
+        args.name,
+        items(),
+        mode=args.mode,
+        flip=args.flip,
+        window=args.window,
+        alignment=alignment,
+        detection=detection,
     ):
         if isinstance(result, EnrollResult):
             enrolled += 1
@@ -211,6 +223,7 @@ def _probe(path: Path) -> Any:
 
 def _search(client: GalleryClient, args: argparse.Namespace) -> int:
     probes = [_probe(p) for p in args.probes]
+    alignment, detection = detection_options(args)
     results = client.search(
         args.name,
         probes,
@@ -218,6 +231,8 @@ def _search(client: GalleryClient, args: argparse.Namespace) -> int:
         min_score=args.min_score,
         scoring=args.scoring,
         flip=args.flip,
+        alignment=alignment,
+        detection=detection,
     )
     failed = 0
     report = []
@@ -252,6 +267,7 @@ def _operand(text: str) -> Any:
 
 
 def _verify(client: GalleryClient, args: argparse.Namespace) -> int:
+    alignment, detection = detection_options(args)
     r = client.verify(
         _operand(args.a),
         _operand(args.b),
@@ -259,6 +275,8 @@ def _verify(client: GalleryClient, args: argparse.Namespace) -> int:
         threshold=args.threshold,
         scoring=args.scoring,
         flip=args.flip,
+        alignment=alignment,
+        detection=detection,
     )
     verdict = "MATCH" if r.match else "no match"
     print(f"score {r.score:.4f} threshold {r.threshold:.4f}: {verdict}")

@@ -1,6 +1,6 @@
 """Bulk extraction on Ray Data: a map_batches callable class, and folder or manifest -> Parquet.
 
-Optional: ``pip install 'adaface-serving[ray]'`` (Ray Data, with pyarrow). `EmbedBatches`
+Optional: ``pip install 'adaface-client[ray]'`` (Ray Data, with pyarrow). `EmbedBatches`
 itself needs only this package: Ray constructs one per actor of an actor pool, each holding
 one client, and calls it on batches of rows.
 

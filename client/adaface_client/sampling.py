@@ -28,6 +28,7 @@ from adaface_client.client import (
     from_rpc_error,
     make_image_input,
 )
+from adaface_client.epoch_plan import plan_epoch
 from adaface_client.prototypes import matcher_knn, model_features
 from adaface_client.transport import open_channel
 
@@ -241,7 +242,8 @@ class GraphSampler(torch.utils.data.Sampler[int]):
     1])``, the batch order from ``np.random.default_rng([seed, epoch])`` and each wrap's
     reshuffle from a keyed permutation of (seed, identity, wrap). ``set_epoch(e)`` picks
     the epoch (as DistributedSampler); otherwise each iteration advances it.
-    `credentials` and `token` as for Client.
+    `alignment` (served-model prototypes) defaults to "aligned": training sets are aligned
+    112x112 crops (pass "detect" for photos). `credentials` and `token` as for Client.
     """
 
     def __init__(
@@ -263,7 +265,7 @@ class GraphSampler(torch.utils.data.Sampler[int]):
         world_size: int | None = None,
         seed: int = 0,
         flip: bool = False,
-        alignment: AlignmentLike = None,
+        alignment: AlignmentLike = "aligned",
         timeout: float = 600.0,
         retries: int = 4,
         credentials: grpc.ChannelCredentials | None = None,
@@ -404,9 +406,6 @@ class GraphSampler(torch.utils.data.Sampler[int]):
         return self._samples[positions]
 
     def _local_index(self, feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        # The planning is the server's own code (pure numpy), so both paths give one index.
-        from adaface_server.sampling.index import plan_epoch
-
         neighbours = matcher_knn(
             feats,
             self.batch_size // self.num_instance - 1,

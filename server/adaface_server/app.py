@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +25,7 @@ from .api.embedder import EmbedderServicer
 from .api.gallery import GalleryServicer
 from .api.interceptor import RequestInterceptor
 from .api.sampling import SamplingServicer
+from .api.web.server import HttpServer
 from .backends.base import create_backend
 from .config import Settings
 from .embedding import EmbeddingService
@@ -79,7 +82,12 @@ class App:
         )
         self.gallery = GalleryService(settings, self.embedding)
         gallery_pb2_grpc.add_GalleryServicer_to_server(GalleryServicer(self.gallery), self.server)
-        self.metrics.live.in_flight = lambda: self.calls.in_flight
+        self.http: HttpServer | None = None
+        if settings.http_port >= 0:
+            self.http = HttpServer(
+                settings, self.embedding, self.gallery, self.metrics, lambda: self.calls.tokens
+            )
+        self.metrics.live.in_flight = lambda: self._traffic()[1]
         self.metrics.live.queue_depth = lambda: self.embedding.queued_rows
         self.metrics.live.gallery_sizes = self.gallery.sizes
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -88,6 +96,7 @@ class App:
         )
         self.port = 0
         self.metrics_port = -1
+        self.http_port = -1
         self._loader: asyncio.Task | None = None
         self._trimmer: asyncio.Task | None = None
         self._gallery_open: asyncio.Task | None = None
@@ -95,6 +104,8 @@ class App:
     async def start(self) -> int:
         address = f"{self.settings.host}:{self.settings.port}"
         try:
+            if _port_taken(self.settings.host, self.settings.port):
+                raise RuntimeError(address)  # gRPC would log its own line on top of ours
             if self._credentials is None:
                 self.port = self.server.add_insecure_port(address)
             else:
@@ -103,10 +114,15 @@ class App:
             self.port = 0
         if self.port == 0:
             hint = " or the TLS key does not match its certificate" if self._credentials else ""
-            raise StartupError(f"cannot listen on {address}: the port is in use{hint}")
+            raise StartupError(
+                f"cannot listen on {address}: the port is in use{hint}; if another "
+                "adaface-server holds it, pick another port with --port (ADAFACE_PORT)"
+            )
         settings = self.settings
         self.metrics_port = self.metrics.serve(settings.metrics_host, settings.metrics_port)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.http is not None:
+            await self._start_http()
         await self.server.start()
         log.info(
             "listening on %s:%d (%s)",
@@ -120,6 +136,18 @@ class App:
         self._trimmer = asyncio.create_task(self._trim_when_idle(), name="memory-trim")
         return self.port
 
+    async def _start_http(self) -> None:
+        assert self.http is not None
+        host, port = self.settings.host, self.settings.http_port
+        try:
+            self.http_port = await self.http.start(host, port)
+        except OSError as exc:
+            self.metrics.close()
+            why = "the port is in use" if exc.errno == errno.EADDRINUSE else str(exc)
+            raise StartupError(f"cannot listen on {host}:{port} (--http-port): {why}") from None
+        scheme = "https" if self.settings.tls_certificate else "http"
+        log.info("HTTP API and web console on %s://%s:%d/", scheme, host, self.http_port)
+
     def reload_tokens(self) -> bool:
         """Re-reads the token files and variables (SIGHUP). A file that cannot be read or
         holds a bad token keeps the tokens in force and logs why; True when replaced."""
@@ -132,16 +160,23 @@ class App:
         log.info("tokens reloaded: %d", tokens.count)
         return True
 
+    def _traffic(self) -> tuple[int, int]:
+        """(calls answered, calls in flight) over gRPC and HTTP together."""
+        done, running = self.calls.completed, self.calls.in_flight
+        if self.http is not None:
+            done, running = done + self.http.completed, running + self.http.in_flight
+        return done, running
+
     async def _trim_when_idle(self) -> None:
         """After traffic stops, give the heap the burst left behind back to the OS."""
         if not memory.available():
             return
-        seen = trimmed_at = self.calls.completed
+        seen = trimmed_at = self._traffic()[0]
         while True:
             await asyncio.sleep(MEMORY_TRIM_SECONDS)
-            now = self.calls.completed
+            now, running = self._traffic()
             # Idle for a whole period (nothing finished, nothing running) after some traffic.
-            if now == seen != trimmed_at and self.calls.in_flight == 0:
+            if now == seen != trimmed_at and running == 0:
                 trimmed_at = now
                 await asyncio.to_thread(memory.trim)
             seen = now
@@ -187,6 +222,8 @@ class App:
             self._loader.cancel()
         if self._trimmer is not None:
             self._trimmer.cancel()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace)
         if self._gallery_open is not None:
             await self._gallery_open  # the rebuild runs in a thread: let it finish
@@ -203,3 +240,24 @@ def _transport(settings: Settings) -> str:
     if not settings.tls_certificate:
         return "plaintext"
     return "mutual TLS" if settings.tls_client_ca else "TLS"
+
+
+def _port_taken(host: str, port: int) -> bool:
+    """True when something already listens on host:port (checked the way gRPC binds)."""
+    if port == 0:
+        return False
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        return False  # gRPC reports an unresolvable host itself
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False

@@ -136,6 +136,13 @@ class Settings:
         metadata={"help": "Prometheus /metrics HTTP port (0 picks a free one, -1 turns it off)"},
     )
     metrics_host: str = field(default="0.0.0.0", metadata={"help": "address /metrics binds"})
+    http_port: int = field(
+        default=-1,
+        metadata={
+            "help": "HTTP/JSON API and web console port on --host (0 picks a free one, "
+            "-1 turns it off)"
+        },
+    )
     sampling_max_identities: int = field(
         default=2_000_000, metadata={"help": "identities accepted in one Sampling.BuildEpoch"}
     )
@@ -297,6 +304,8 @@ def validate(s: Settings) -> list[str]:
         problems.append(f"--log-format must be json or text, got {s.log_format!r}")
     if s.metrics_port < -1 or s.metrics_port > 65535:
         problems.append(f"--metrics-port must be -1..65535, got {s.metrics_port}")
+    if s.http_port < -1 or s.http_port > 65535:
+        problems.append(f"--http-port must be -1..65535, got {s.http_port}")
     if bool(s.tls_certificate) != bool(s.tls_private_key):
         problems.append("--tls-certificate and --tls-private-key go together")
     if s.tls_client_ca and not s.tls_certificate:

@@ -127,12 +127,11 @@ class EmbeddingService:
                 await asyncio.sleep(self.settings.load_retry_seconds)
         spec = self.backend.spec
         if spec.untrained:
-            for _ in range(3):
-                log.warning(
-                    "MODEL %s HAS RANDOM, UNTRAINED WEIGHTS: its embeddings are meaningless. "
-                    "Export a real AdaFace checkpoint (make serve CKPT=... ARCH=...).",
-                    spec.name,
-                )
+            log.warning(
+                "MODEL %s HAS RANDOM, UNTRAINED WEIGHTS: its embeddings are meaningless. "
+                "Export a real AdaFace checkpoint (make serve CKPT=... ARCH=...).",
+                spec.name,
+            )
         if self.backend.needs_batching:
             self._batcher = DynamicBatcher(
                 self._timed_infer,
@@ -215,7 +214,8 @@ class EmbeddingService:
     def _no_detector(self, field: str) -> Unimplemented:
         return Unimplemented(
             f"{field}: ALIGNMENT_DETECT needs a face detector, which this server does not "
-            "run (--detector none); send aligned 112x112 crops or 5 landmarks"
+            'run (--detector none): send 112x112 crops with alignment="aligned" '
+            "(CLI --aligned) or 5 landmarks, or start the server with a detector"
         )
 
     async def embed(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
+import shutil
 import tempfile
 import threading
 import time
@@ -16,6 +19,14 @@ from adaface_server.config import Settings
 from adaface_server.models.repository import ModelSpec, load_model_spec
 
 MTCNN_WEIGHTS = Path(__file__).resolve().parents[2] / ".cache" / "mtcnn"
+
+
+@functools.cache
+def scratch_dir() -> Path:
+    """One temp folder per test process for throw-away server files, removed at exit."""
+    path = Path(tempfile.mkdtemp(prefix="adaface-tests-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 class ServerThread:
@@ -69,7 +80,8 @@ def server_settings(repository: Path, model: str, **overrides: object) -> Settin
     """Test settings; each server gets its own throw-away gallery file unless one is given,
     so tests never touch (or lock) the user's default gallery store."""
     if "gallery_path" not in overrides:
-        overrides["gallery_path"] = Path(tempfile.mkdtemp(prefix="adaface-gallery-")) / "g.db"
+        gallery_dir = tempfile.mkdtemp(prefix="adaface-gallery-", dir=scratch_dir())
+        overrides["gallery_path"] = Path(gallery_dir) / "g.db"
     base = Settings(
         model_repository=repository,
         model=model,

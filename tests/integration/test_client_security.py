@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import adaface_client.client as client_module
+import adaface_client.retry as retry_module
 from adaface_client import (
     AlreadyExists,
     AsyncClient,
@@ -155,7 +155,7 @@ def backoffs(monkeypatch) -> list[int]:
         seen.append(attempt)
         return 0.0
 
-    monkeypatch.setattr(client_module, "_backoff_delay", delay)
+    monkeypatch.setattr(retry_module, "backoff_delay", delay)
     return seen
 
 
@@ -173,16 +173,18 @@ def test_token_accepted_on_every_client_and_call_kind(auth_server) -> None:
     address = auth_server.address
     with Client(address, token=USER_TOKEN) as client:
         info = client.info()
-        embeddings, _ = client.embed([crop(1), crop(2)])  # Embed goes through .future()
+        embeddings, _ = client.embed(
+            [crop(1), crop(2)], alignment="aligned"
+        )  # Embed goes through .future()
     assert info.embedding_dim == 512 and embeddings.shape == (2, 512)
 
     async def run() -> np.ndarray:
         async with AsyncClient(address, token=USER_TOKEN) as client:
-            return (await client.embed([crop(1)]))[0]
+            return (await client.embed([crop(1)], alignment="aligned"))[0]
 
     np.testing.assert_allclose(asyncio.run(run()), embeddings[:1], rtol=0, atol=1e-6)
     with Extractor(address, token=USER_TOKEN, progress=False) as extractor:
-        features = extractor.extract([crop(2)])
+        features = extractor.extract([crop(2)], alignment="aligned")
     np.testing.assert_allclose(features, embeddings[1:], rtol=0, atol=1e-6)
 
     # Past authentication every kind of call reaches its servicer: NotFound, not
@@ -237,7 +239,7 @@ def test_unauthenticated_on_streams_and_async(auth_server, backoffs) -> None:
 
     async def run() -> None:
         async with AsyncClient(auth_server.address, token=WRONG_TOKEN, retries=3) as client:
-            await client.embed([crop(0)])
+            await client.embed([crop(0)], alignment="aligned")
 
     before = _answered(auth_server, "Embedder/Info", "UNAUTHENTICATED")
     with pytest.raises(Unauthenticated) as info:
@@ -279,9 +281,11 @@ def test_request_id_is_sent_echoed_and_reported(auth_server) -> None:
     # Per-enrollment errors of a stream carry the stream's request id.
     with GalleryClient(auth_server.address, token=ADMIN_TOKEN) as admin:
         admin.create_gallery("sec_ids")
-        admin.enroll("sec_ids", "ann", [png(crop(5))])
+        admin.enroll("sec_ids", "ann", [png(crop(5))], alignment="aligned")
         with use_request_id("bulk-7"):
-            (outcome,) = admin.enroll_many("sec_ids", [("ann", [png(crop(6))])])
+            (outcome,) = admin.enroll_many(
+                "sec_ids", [("ann", [png(crop(6))])], alignment="aligned"
+            )
     assert isinstance(outcome, AlreadyExists) and outcome.request_id == "bulk-7"
 
     # Without a scope every call gets its own fresh id.
@@ -321,7 +325,7 @@ def test_read_token_file(tmp_path: Path, token_files) -> None:
 
 def test_tls_with_the_ca_works_and_plaintext_or_a_stranger_ca_does_not(tls_server, pki) -> None:
     with Client(tls_server.address, credentials=tls_credentials(pki.ca)) as client:
-        assert client.embed([crop(3)])[0].shape == (1, 512)
+        assert client.embed([crop(3)], alignment="aligned")[0].shape == (1, 512)
 
     async def run() -> int:
         async with AsyncClient(tls_server.address, credentials=tls_credentials(pki.ca)) as c:
@@ -445,6 +449,6 @@ def test_unauthenticated_is_not_retried_by_the_embed_loop(auth_server, backoffs)
         client._info = info  # skip Info: the Embed path's own retry loop is exercised
         before = _answered(auth_server, "Embedder/Embed", "UNAUTHENTICATED")
         with pytest.raises(Unauthenticated):
-            client.embed([crop(0), crop(1)])
+            client.embed([crop(0), crop(1)], alignment="aligned")
     assert backoffs == []
     assert _answered(auth_server, "Embedder/Embed", "UNAUTHENTICATED", before + 1) == before + 1

@@ -86,7 +86,7 @@ def test_partial_failure_npz(embed_server, photos: Path, tmp_path: Path) -> None
     assert features.shape == (len(GOOD), 512) and features.dtype == np.float32
     assert norms.shape == (len(GOOD), 1) and norms.dtype == np.float32
     with Client(embed_server.address) as client:
-        ref, ref_norms = client.embed([photos / label for label in GOOD])
+        ref, ref_norms = client.embed([photos / label for label in GOOD], alignment="aligned")
     np.testing.assert_allclose(features, ref, rtol=0, atol=ATOL)
     np.testing.assert_allclose(norms, ref_norms, rtol=1e-6, atol=ATOL)
 
@@ -97,7 +97,8 @@ def test_partial_failure_npz(embed_server, photos: Path, tmp_path: Path) -> None
         assert line in proc.stderr
     assert f"embedded {len(GOOD)} of {len(GOOD) + len(BAD)} images" in proc.stderr
     assert "2 failed" in proc.stderr
-    assert "notes.txt" not in proc.stderr
+    # Non-image files are left out, counted and named.
+    assert "skipped 1 non-image file (not bmp, jpeg, jpg, png, webp): notes.txt" in proc.stderr
     # stderr is not a TTY here: no progress bar unless forced
     assert "img/s" not in proc.stderr
 
@@ -127,7 +128,8 @@ def test_pt_output_with_landmarks_and_progress(embed_server, photos: Path, tmp_p
     with Client(embed_server.address, flip=True) as client:
         images = [photos / label for label in labels]
         lms = [LANDMARKS_SHIFTED if label == "big/face.png" else None for label in labels]
-        ref, _ = client.embed(images, landmarks=lms)
+        modes = ["landmarks" if lm else "aligned" for lm in lms]
+        ref, _ = client.embed(images, landmarks=lms, alignment=modes)
     np.testing.assert_allclose(data["features"].numpy(), ref, rtol=0, atol=ATOL)
 
 

@@ -37,7 +37,7 @@ def photos(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(embed_server, photos) -> tuple[np.ndarray, np.ndarray]:
     with Client(embed_server.address) as client:
-        return client.embed(photos)
+        return client.embed(photos, alignment="aligned")
 
 
 def test_in_memory_mixed_inputs(embed_server, photos, reference):
@@ -46,7 +46,7 @@ def test_in_memory_mixed_inputs(embed_server, photos, reference):
         for i, p in enumerate(photos)
     ]
     with Extractor(embed_server.address, chunk_size=7, progress=False) as extractor:
-        features, norms = extractor.extract(images, with_norms=True)
+        features, norms = extractor.extract(images, with_norms=True, alignment="aligned")
     assert features.shape == (30, 512) and features.dtype == np.float32
     np.testing.assert_allclose(features, reference[0], atol=ATOL)
     np.testing.assert_allclose(norms, reference[1], rtol=1e-5)
@@ -69,7 +69,7 @@ def test_memmap_resumes_after_an_interruption(embed_server, photos, reference, t
         embed_server.address, chunk_size=5, prefetch=1, progress=stop_after_two_chunks
     ) as extractor:
         with pytest.raises(Stop):
-            extractor.extract(photos, out)
+            extractor.extract(photos, out, alignment="aligned")
         rows = np.load(tmp_path / "features.npy.rows.npy")
         assert rows.sum() == 10 and rows[:10].all()
         partial = np.load(out)
@@ -77,7 +77,7 @@ def test_memmap_resumes_after_an_interruption(embed_server, photos, reference, t
 
         resumed = []
         extractor.progress = resumed.append
-        features = extractor.extract(photos, out)
+        features = extractor.extract(photos, out, alignment="aligned")
     assert sum(resumed) == 20, "a rerun only embeds the rows not yet written"
     assert isinstance(features, np.memmap)
     np.testing.assert_allclose(np.load(out), reference[0], atol=ATOL)
@@ -86,7 +86,7 @@ def test_memmap_resumes_after_an_interruption(embed_server, photos, reference, t
     # Everything done: nothing is sent again.
     again = []
     with Extractor(embed_server.address, progress=again.append) as extractor:
-        extractor.extract(photos, out)
+        extractor.extract(photos, out, alignment="aligned")
     assert again == []
 
 
@@ -95,10 +95,10 @@ def test_failed_images(embed_server, photos, tmp_path):
     out = tmp_path / "f.npy"
     with Extractor(embed_server.address, progress=False) as extractor:
         with pytest.raises(ExtractionError) as info:
-            extractor.extract(images, out)
+            extractor.extract(images, out, alignment="aligned")
         assert [(row, reason) for row, reason, _ in info.value.errors] == [(4, "UNDECODABLE")]
         assert np.load(f"{out}.rows.npy").tolist() == [1, 1, 1, 1, 0, 1]
-        features = extractor.extract(images, on_error="nan")
+        features = extractor.extract(images, on_error="nan", alignment="aligned")
     assert np.isnan(features[4]).all() and not np.isnan(np.delete(features, 4, 0)).any()
 
 
@@ -127,7 +127,8 @@ WORKER = textwrap.dedent(
             os._exit(3)  # a hard crash: no cleanup, no marker
 
     with Extractor(address, chunk_size=3, prefetch=1, progress=progress) as extractor:
-        extractor.extract(paths, out, sharded=True)  # rank and world size from the env
+        # Rank and world size come from the env.
+        extractor.extract(paths, out, sharded=True, alignment="aligned")
     print(json.dumps({"rows": sum(chunks)}))
     """
 )

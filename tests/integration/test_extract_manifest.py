@@ -14,6 +14,7 @@ from adaface_client import Client, Extractor, ManifestMismatch
 from adaface_client.extract import gather
 
 ATOL = 1e-5
+A = "aligned"  # the test images are random 112x112 crops, not photos
 
 
 def crop(seed: int) -> np.ndarray:
@@ -36,7 +37,7 @@ def two_sets(tmp_path_factory, embed_server):
     root = tmp_path_factory.mktemp("manifest")
     a, b = write(root / "a", range(8)), write(root / "b", range(100, 108))
     with Client(embed_server.address) as client:
-        return a, b, client.embed(a)[0], client.embed(b)[0]
+        return a, b, client.embed(a, alignment=A)[0], client.embed(b, alignment=A)[0]
 
 
 def extractor(server, **kw) -> Extractor:
@@ -47,18 +48,18 @@ def test_other_images_of_the_same_count_are_refused(embed_server, two_sets, tmp_
     a, b, ref_a, ref_b = two_sets
     out = tmp_path / "f.npy"
     with extractor(embed_server) as ex:
-        np.testing.assert_allclose(ex.extract(a, out), ref_a, atol=ATOL)
+        np.testing.assert_allclose(ex.extract(a, out, alignment=A), ref_a, atol=ATOL)
         manifest = json.loads(Path(f"{out}.manifest.json").read_text())
         assert manifest["rows"] == 8 and manifest["model"] == embed_server.spec.name
         with pytest.raises(ManifestMismatch, match="inputs_sha256") as info:
-            ex.extract(b, out)
+            ex.extract(b, out, alignment=A)
         assert "first differing input: row 0" in str(info.value)
         assert "overwrite=True" in str(info.value)
         np.testing.assert_allclose(np.load(out), ref_a, atol=ATOL)  # nothing was touched
         # Only the order changed: still another file.
         with pytest.raises(ManifestMismatch, match="first differing input: row 3"):
-            ex.extract([*a[:3], a[4], a[3], *a[5:]], out)
-        fresh = ex.extract(b, out, overwrite=True)
+            ex.extract([*a[:3], a[4], a[3], *a[5:]], out, alignment=A)
+        fresh = ex.extract(b, out, overwrite=True, alignment=A)
     np.testing.assert_allclose(fresh, ref_b, atol=ATOL)
     np.testing.assert_allclose(np.load(out), ref_b, atol=ATOL)
 
@@ -68,35 +69,37 @@ def test_a_changed_file_or_options_are_refused(embed_server, tmp_path):
     mine = write(root, range(8))
     out = tmp_path / "f.npy"
     with extractor(embed_server) as ex:
-        ex.extract(mine, out)
+        ex.extract(mine, out, alignment=A)
         with pytest.raises(ManifestMismatch, match="alignment"):
-            ex.extract(mine, out, alignment="aligned")
+            ex.extract(mine, out, alignment="detect")
     with extractor(embed_server, flip=True) as ex, pytest.raises(ManifestMismatch, match="flip"):
-        ex.extract(mine, out)
+        ex.extract(mine, out, alignment=A)
     # Same path, new content (size or mtime changes): the old row is not reused.
     Image.fromarray(crop(999)).save(mine[2])
     os.utime(mine[2], ns=(1, 1))
     with extractor(embed_server) as ex:
         with pytest.raises(ManifestMismatch, match="first differing input: row 2"):
-            ex.extract(mine, out)
+            ex.extract(mine, out, alignment=A)
         with Client(embed_server.address) as client:
-            want = client.embed(mine)[0]
-        np.testing.assert_allclose(ex.extract(mine, out, overwrite=True), want, atol=ATOL)
+            want = client.embed(mine, alignment=A)[0]
+        np.testing.assert_allclose(
+            ex.extract(mine, out, overwrite=True, alignment=A), want, atol=ATOL
+        )
 
 
 def test_in_memory_inputs_are_fingerprinted_by_content(embed_server, tmp_path):
     out = tmp_path / "f.npy"
     images = [crop(i) for i in range(4)]
     with extractor(embed_server) as ex:
-        ex.extract(images, out)
-        ex.extract([im.copy() for im in images], out)  # equal content: reused
+        ex.extract(images, out, alignment=A)
+        ex.extract([im.copy() for im in images], out, alignment=A)  # equal content: reused
         changed = [im.copy() for im in images]
         changed[1][0, 0, 0] ^= 1
         with pytest.raises(ManifestMismatch, match="first differing input: row 1"):
-            ex.extract(changed, out)
+            ex.extract(changed, out, alignment=A)
         encoded = [Path(p).read_bytes() for p in write(tmp_path / "b", range(4))]
         with pytest.raises(ManifestMismatch, match="inputs_sha256"):
-            ex.extract(encoded, out)
+            ex.extract(encoded, out, alignment=A)
 
 
 def test_a_file_without_manifest_is_refused(embed_server, two_sets, tmp_path):
@@ -105,18 +108,20 @@ def test_a_file_without_manifest_is_refused(embed_server, two_sets, tmp_path):
     np.save(out, np.zeros((8, 512), np.float32))  # e.g. written by an older version
     with extractor(embed_server) as ex:
         with pytest.raises(ManifestMismatch, match="exists without a manifest"):
-            ex.extract(a, out)
-        np.testing.assert_allclose(ex.extract(a, out, overwrite=True), ref_a, atol=ATOL)
+            ex.extract(a, out, alignment=A)
+        np.testing.assert_allclose(
+            ex.extract(a, out, overwrite=True, alignment=A), ref_a, atol=ATOL
+        )
 
 
 def test_every_rank_checks_the_manifest(embed_server, two_sets, tmp_path):
     a, b, ref_a, _ = two_sets
     out = tmp_path / "shared.npy"
     with extractor(embed_server) as ex:
-        ex.extract(a, out, rank=0, world_size=2)
+        ex.extract(a, out, rank=0, world_size=2, alignment=A)
         with pytest.raises(ManifestMismatch, match="inputs_sha256"):
-            ex.extract(b, out, rank=1, world_size=2)
-        ex.extract(a, out, rank=1, world_size=2)
+            ex.extract(b, out, rank=1, world_size=2, alignment=A)
+        ex.extract(a, out, rank=1, world_size=2, alignment=A)
     np.testing.assert_allclose(gather(out, world_size=2, timeout=5), ref_a, atol=ATOL)
     # A done marker left by another extraction is not taken for this one's.
     marker = Path(f"{out}.shard-1-of-2.done")

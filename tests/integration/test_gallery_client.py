@@ -45,9 +45,11 @@ def test_client_round_trip(client, server, tmp_path):
     with pytest.raises(AlreadyExists, match="gallery 'lib' already exists"):
         client.create_gallery("lib")
     vecs = unit_vectors(4, 21)
-    r = client.enroll("lib", "ann", [vecs[0], png(crop(3))], metadata={"k": "v"})
+    r = client.enroll(
+        "lib", "ann", [vecs[0], png(crop(3))], metadata={"k": "v"}, alignment="aligned"
+    )
     assert r.created and r.sample_count == 2 and all(r.sample_ids) and not r.errors
-    r = client.add_samples("lib", "ann", [b"broken", vecs[1]])
+    r = client.add_samples("lib", "ann", [b"broken", vecs[1]], alignment="aligned")
     assert r.sample_ids[0] is None and r.errors[0][:2] == (0, "UNDECODABLE")
     assert r.sample_count == 3
     client.enroll("lib", "ben", vecs[2:4])  # an [m, D] matrix is m vectors
@@ -58,7 +60,7 @@ def test_client_round_trip(client, server, tmp_path):
     results = client.search("lib", np.stack([vecs[1], vecs[3]]), top_k=2)
     assert [r.matches[0].identity for r in results] == ["ann", "ben"]
     assert results[0].matches[0].score == pytest.approx(1.0, abs=1e-5)
-    v = client.verify(IdentityRef("ann"), crop(3), gallery="lib")
+    v = client.verify(IdentityRef("ann"), crop(3), gallery="lib", alignment="aligned")
     assert v.match and v.score > 0.9999 and v.a_sample_id > 0
     assert [i.identity for i in client.list_identities("lib", page_size=1)] == ["ann", "ben"]
     assert client.remove_samples("lib", [r.sample_ids[1]]) == 1
@@ -100,21 +102,21 @@ def test_cli(server, tmp_path):
     r = run_cli(server, "create", "cli")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("cli\tidentities=0")
-    r = run_cli(server, "enroll", "cli", photos)
+    r = run_cli(server, "enroll", "cli", photos, "--aligned")
     assert r.returncode == 1, r.stderr
     assert "enrolled 2 of 2 identities into cli (3 of 4 images; 0 identities failed)" in r.stdout
     assert "broken.jpg: UNDECODABLE" in r.stderr
-    r = run_cli(server, "enroll", "cli", photos)
+    r = run_cli(server, "enroll", "cli", photos, "--aligned")
     assert r.returncode == 1 and "already exists" in r.stderr
 
     r = run_cli(server, "identities", "cli")
     assert r.returncode == 0 and r.stdout.splitlines() == ["alice\tsamples=2", "bob\tsamples=1"]
-    r = run_cli(server, "search", "cli", probe, "--top-k", "2", "--json")
+    r = run_cli(server, "search", "cli", probe, "--top-k", "2", "--json", "--aligned")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report[0]["matches"][0]["identity"] == "bob"
     assert report[0]["matches"][0]["score"] > 0.9999
-    r = run_cli(server, "verify", "id:bob", probe, "--gallery", "cli")
+    r = run_cli(server, "verify", "id:bob", probe, "--gallery", "cli", "--aligned")
     assert r.returncode == 0 and r.stdout.endswith(": MATCH\n"), r.stdout
 
     export = tmp_path / "cli.gallery"

@@ -494,4 +494,7 @@ def test_a_busy_port_stops_the_server_naming_it(ir18_repository):
         with pytest.raises(StartupError) as err:
             server.start()
         server.loop.call_soon_threadsafe(server.loop.stop)
-    assert str(err.value) == f"cannot listen on 127.0.0.1:{port}: the port is in use"
+    assert str(err.value) == (
+        f"cannot listen on 127.0.0.1:{port}: the port is in use; if another adaface-server "
+        "holds it, pick another port with --port (ADAFACE_PORT)"
+    )

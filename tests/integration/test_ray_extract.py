@@ -46,7 +46,7 @@ def images(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(embed_server, images) -> np.ndarray:
     with Extractor(embed_server.address, progress=False) as ex:
-        return ex.extract(images, on_error="nan")
+        return ex.extract(images, on_error="nan", alignment="aligned")
 
 
 def read_rows(out) -> list[dict]:
@@ -63,7 +63,9 @@ def test_manifest_to_parquet_matches_the_extractor(
         writer.writerow(["id", "path"])
         writer.writerows([f"face-{i:04d}", images[i]] for i in order)
     out = tmp_path / "features"
-    extract_to_parquet(manifest, out, [embed_server.address], concurrency=2, batch_size=32)
+    extract_to_parquet(
+        manifest, out, [embed_server.address], concurrency=2, batch_size=32, alignment="aligned"
+    )
     rows = read_rows(out)
     assert [r["id"] for r in rows] == [f"face-{i:04d}" for i in order], "order and ids kept"
     got = np.stack([np.asarray(r["embedding"], np.float32) for r in rows])
@@ -82,7 +84,9 @@ def test_folder_to_parquet(embed_server, local_ray, images, reference, tmp_path)
     for i in range(20):
         (folder / f"{i:02d}.jpg").write_bytes(Path(images[i]).read_bytes())
     out = tmp_path / "folder_features"
-    extract_to_parquet(folder, out, embed_server.address, concurrency=1, batch_size=8)
+    extract_to_parquet(
+        folder, out, embed_server.address, concurrency=1, batch_size=8, alignment="aligned"
+    )
     rows = read_rows(out)
     assert [r["path"] for r in rows] == [f"{i:02d}.jpg" for i in range(20)]
     assert "bytes" not in rows[0]
@@ -92,7 +96,9 @@ def test_folder_to_parquet(embed_server, local_ray, images, reference, tmp_path)
 
 def test_a_down_server_is_skipped_for_the_next(embed_server, images, reference):
     """Without Ray: the callable fails over from a dead address to a live one."""
-    embed = EmbedBatches(["127.0.0.1:1", embed_server.address], retries=3, backoff=0.01)
+    embed = EmbedBatches(
+        ["127.0.0.1:1", embed_server.address], retries=3, backoff=0.01, alignment="aligned"
+    )
     embed._turn = 0  # start on the dead one
     out = embed({"path": np.asarray(images[:5], dtype=object), "label": np.arange(5)})
     np.testing.assert_allclose(out["embedding"], reference[:5], atol=ATOL, rtol=0)

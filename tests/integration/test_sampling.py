@@ -97,12 +97,12 @@ def test_image_prototypes_are_embedded_by_the_served_model(embed_server):
     n = 12
     images = [crop(i) for i in range(n)]
     with Client(embed_server.address) as client:
-        vectors, _ = client.embed(images)
+        vectors, _ = client.embed(images, alignment="aligned")
     counts = np.full(n, 3)
     index = build_epoch(
         embed_server.address,
         counts,
-        [make_image_input(im) for im in images],
+        [make_image_input(im, alignment="aligned") for im in images],
         batch_size=6,
         num_instance=2,
     )

@@ -52,7 +52,7 @@ def test_path_is_read_and_sent_as_is(tmp_path: Path) -> None:
         msg = make_image_input(source)
         assert msg.WhichOneof("source") == "encoded"
         assert msg.encoded == data
-        assert msg.alignment == common_pb2.ALIGNMENT_ALIGNED
+        assert msg.alignment == common_pb2.ALIGNMENT_DETECT  # a photo unless told otherwise
         assert list(msg.landmarks) == []
 
 
@@ -182,7 +182,7 @@ def test_batch_mixes_sources_and_passes_messages_through(tmp_path: Path) -> None
     msgs = list(_prepared(images, [None, LANDMARKS, None, None, None], None))
     assert [m.WhichOneof("source") for m in msgs] == ["encoded", "encoded", "raw", "raw", "encoded"]
     assert msgs[1].alignment == common_pb2.ALIGNMENT_LANDMARKS
-    assert msgs[0].alignment == common_pb2.ALIGNMENT_ALIGNED
+    assert msgs[0].alignment == common_pb2.ALIGNMENT_DETECT
     assert msgs[4] is ready
 
 

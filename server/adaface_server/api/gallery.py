@@ -184,6 +184,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServicer):
             samples,
             mode=_enum(_MODES, request.mode, "mode"),
             flip=request.options.flip_fusion,
+            detect=convert.detect_params(request.options.detection, "options.detection"),
             model_checksum=request.model_checksum,
         )
         return _enroll_response(rid, result)
@@ -242,6 +243,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServicer):
             min_score=request.min_score if request.HasField("min_score") else None,
             scoring=_enum(_SCORING, request.scoring, "scoring"),
             flip=request.options.flip_fusion,
+            detect=convert.detect_params(request.options.detection, "options.detection"),
             model_checksum=request.model_checksum,
         )
         return _search_response(outcomes, searched)
@@ -254,6 +256,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServicer):
             threshold=request.threshold if request.HasField("threshold") else None,
             scoring=_enum(_SCORING, request.scoring, "scoring"),
             flip=request.options.flip_fusion,
+            detect=convert.detect_params(request.options.detection, "options.detection"),
             model_checksum=request.model_checksum,
         )
         return gallery_pb2.VerifyResponse(

@@ -23,6 +23,7 @@ from ..errors import (
     ServiceError,
     Unavailable,
 )
+from ..preprocess.detect import DetectParams
 from . import store as db
 from .index import Change, ExactIndex, create_index
 from .records import (
@@ -219,7 +220,12 @@ class GalleryService:
             )
 
     async def _outcomes(
-        self, inputs: Sequence[SampleInput], field_name: str, dim: int, flip: bool
+        self,
+        inputs: Sequence[SampleInput],
+        field_name: str,
+        dim: int,
+        flip: bool,
+        detect: DetectParams | None = None,
     ) -> list[SampleOutcome]:
         """Embeds the images, validates the vectors; per-image failures become outcomes."""
         out: list[SampleOutcome | None] = [None] * len(inputs)
@@ -236,7 +242,7 @@ class GalleryService:
                     f"(max_images_per_request), got {len(images)}"
                 )
             items = [inputs[i].image for i in images]
-            results = await self.embedding.embed(items, flip=flip)  # type: ignore[arg-type]
+            results = await self.embedding.embed(items, flip=flip, detect=detect)  # type: ignore[arg-type]
             for j, (i, r) in enumerate(zip(images, results, strict=True)):
                 if r.ok:
                     vec = np.asarray(r.embedding, np.float32)
@@ -333,6 +339,7 @@ class GalleryService:
         samples: Sequence[SampleInput],
         mode: str = "create",
         flip: bool = False,
+        detect: DetectParams | None = None,
         model_checksum: str = "",
     ) -> EnrollResult:
         g = self._gallery(gallery)
@@ -350,7 +357,7 @@ class GalleryService:
         has_images = any(s.image is not None for s in samples)
         has_vectors = any(s.vector is not None for s in samples)
         self._check_pin(g.row, has_images, has_vectors, model_checksum)
-        outcomes = await self._outcomes(samples, "samples", g.row.dim, flip)
+        outcomes = await self._outcomes(samples, "samples", g.row.dim, flip, detect)
         good = [i for i, o in enumerate(outcomes) if o.ok]
         if not good:
             raise InvalidArgument(
@@ -489,6 +496,7 @@ class GalleryService:
         min_score: float | None = None,
         scoring: str = "max",
         flip: bool = False,
+        detect: DetectParams | None = None,
         model_checksum: str = "",
     ) -> tuple[list[ProbeOutcome], int]:
         g = self._gallery(gallery)
@@ -509,7 +517,7 @@ class GalleryService:
             any(p.vector is not None for p in probes),
             model_checksum,
         )
-        outcomes = await self._outcomes(probes, "probes", g.row.dim, flip)
+        outcomes = await self._outcomes(probes, "probes", g.row.dim, flip, detect)
         good = [i for i, o in enumerate(outcomes) if o.ok]
         results = [
             ProbeOutcome(error_reason=o.error_reason, error_message=o.error_message)
@@ -531,6 +539,7 @@ class GalleryService:
         threshold: float | None = None,
         scoring: str = "max",
         flip: bool = False,
+        detect: DetectParams | None = None,
         model_checksum: str = "",
     ) -> VerifyResult:
         if threshold is None:
@@ -561,7 +570,7 @@ class GalleryService:
                 check_vector(s.vector, s.dim, dim, f"{name}.vector")
         sides: dict[str, tuple[np.ndarray, list[int]]] = {}
         for name, s in samples.items():
-            outcome = (await self._outcomes([s], name, dim, flip))[0]
+            outcome = (await self._outcomes([s], name, dim, flip, detect))[0]
             if not outcome.ok:
                 raise InvalidArgument(outcome.error_message.replace(f"{name}[0]", name, 1))
             sides[name] = (outcome.vector[None, :], [0])  # type: ignore[index]

@@ -47,8 +47,9 @@ def face_crop(item: ImageItem, limits: DecodeLimits) -> np.ndarray:
         if (h, w) != (CROP_SIZE, CROP_SIZE):
             raise ImageRejected(
                 "NOT_ALIGNED",
-                f"an aligned face crop must be {CROP_SIZE}x{CROP_SIZE}, got {w}x{h} "
-                "(send landmarks, or use ALIGNMENT_DETECT on a detecting server)",
+                f"an aligned face crop must be {CROP_SIZE}x{CROP_SIZE}, got {w}x{h}: send "
+                "alignment=detect (the default) for photos, or a "
+                f"{CROP_SIZE}x{CROP_SIZE} crop (or 5 landmarks)",
             )
         return pixels
     if item.mode is AlignMode.LANDMARKS:
