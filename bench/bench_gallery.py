@@ -209,6 +209,7 @@ def rebuild_row(n: int, rows: list[str], tmp: Path) -> None:
         t0 = time.perf_counter()
         service._open()
         took = time.perf_counter() - t0
+        service._follower.stop()
         service.store.close()
         del service
         gc.collect()

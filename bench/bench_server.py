@@ -169,6 +169,10 @@ def run(
                 str(batch_size),
                 "--max-queue",
                 "4096",
+                # raw_throughput above is fp32: compare like with like (bench_hardware.py
+                # compares precisions)
+                "--precision",
+                "fp32",
             ],
             env=env,
         )

@@ -13,8 +13,13 @@ BENCHES = [
     ["bench_detect.py"],
     ["bench_server.py"],
     ["bench_http.py"],
+    ["bench_hardware.py"],
+    ["bench_decode.py"],
+    ["bench_gpu.py"],
     ["bench_triton.py"],
     ["bench_gallery.py"],
+    # Full size rebuilds 1M vectors from each store (~10 GB of disk, several minutes).
+    ["bench_shared.py"],
     ["bench_sampling.py"],
 ]
 

@@ -15,6 +15,10 @@ randomly initialised ir_18 exported into a temporary repository. Phases (--phase
   diskfull  the gallery file on a small tmpfs: enroll until the disk is full; searches keep
             working; after freeing space enrolls work again; PRAGMA integrity_check after stop
             and no acknowledged write lost.
+  hostile   a server with tokens and --stream-idle-seconds 2: concurrent token-less 30 MiB
+            bodies (UNAUTHENTICATED, never read), 64 oversized "aligned" PNGs in one request
+            (NOT_ALIGNED from their headers), two idle BuildEpoch streams (DEADLINE_EXCEEDED)
+            beside a complete build that must get a slot.
 
 Prints one markdown table (requests, OK, errors by code, p50/p99 latency of successful calls,
 RSS before/peak/after) plus the first message seen per error code; --out writes it to a file.
@@ -52,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "soak_ir18"
 DIM = 512
 MiB = 1024 * 1024
-PHASES = ("load", "kill9", "triton", "diskfull")
+PHASES = ("load", "kill9", "triton", "diskfull", "hostile")
 # Generous on purpose: a DEADLINE_EXCEEDED then means a hang, not a slow 2-core machine.
 DEADLINE_S = 60.0
 
@@ -812,6 +816,102 @@ def workdir(keep: bool) -> Iterator[Path]:
             yield Path(tmp)
 
 
+# -- phase: hostile callers -----------------------------------------------------------------
+
+HOSTILE_TOKEN = "soak-token-0123456789abcdef"
+
+
+def big_flat_png(side: int = 6000) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 90, 90)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def hostile_round(address: str) -> tuple[Tally, str]:
+    from adaface.v1 import sampling_pb2, sampling_pb2_grpc
+
+    tally = Tally()
+    token = (("authorization", f"Bearer {HOSTILE_TOKEN}"),)
+    # The all-failed answer carries 64 per-image errors in a trailer over the 8 KiB default.
+    options = [("grpc.max_send_message_length", 64 * MiB), ("grpc.max_metadata_size", 1 * MiB)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        embed = embedder_pb2_grpc.EmbedderStub(channel).Embed
+        body = embedder_pb2.EmbedRequest(
+            images=[common_pb2.ImageInput(encoded=bytes(15 * MiB)) for _ in range(2)]
+        )
+        await asyncio.gather(*(timed(tally, "Embed (no token)", embed, body) for _ in range(4)))
+        png = big_flat_png()
+        oversized = embedder_pb2.EmbedRequest(
+            images=[
+                common_pb2.ImageInput(encoded=png, alignment=common_pb2.ALIGNMENT_ALIGNED)
+                for _ in range(64)
+            ]
+        )
+        started = time.perf_counter()
+        try:
+            await embed(oversized, timeout=DEADLINE_S, metadata=token)
+            tally.record("Embed (64 oversized)", "OK", time.perf_counter() - started)
+        except grpc.aio.AioRpcError as exc:
+            tally.record("Embed (64 oversized)", exc.code().name, time.perf_counter() - started,
+                         exc.details() or "")  # fmt: skip
+        stub = sampling_pb2_grpc.SamplingStub(channel)
+        sampling_options = sampling_pb2.SamplingOptions(batch_size=8, num_instance=2)
+
+        async def idle() -> None:
+            started = time.perf_counter()
+            call = stub.BuildEpoch(metadata=token, timeout=DEADLINE_S)
+            await call.write(sampling_pb2.BuildEpochRequest(options=sampling_options))
+            try:
+                async for _ in call:
+                    pass
+                tally.record("BuildEpoch (idle)", "OK", time.perf_counter() - started)
+            except grpc.aio.AioRpcError as exc:
+                tally.record("BuildEpoch (idle)", exc.code().name, time.perf_counter() - started,
+                             exc.details() or "")  # fmt: skip
+
+        async def complete() -> None:
+            await asyncio.sleep(0.5)  # after the idle streams have opened
+            rng = np.random.default_rng(0)
+            records = [
+                sampling_pb2.IdentityRecord(
+                    sample_count=2, vector=rng.standard_normal(8).astype("<f4").tobytes()
+                )
+                for _ in range(16)
+            ]
+            request = sampling_pb2.BuildEpochRequest(options=sampling_options, identities=records)
+            started = time.perf_counter()
+            try:
+                replies = [r async for r in stub.BuildEpoch(iter([request]), metadata=token,
+                                                            timeout=DEADLINE_S)]  # fmt: skip
+                code = "OK" if replies and replies[0].WhichOneof("part") == "header" else "EMPTY"
+                tally.record("BuildEpoch (complete)", code, time.perf_counter() - started)
+            except grpc.aio.AioRpcError as exc:
+                tally.record("BuildEpoch (complete)", exc.code().name,
+                             time.perf_counter() - started, exc.details() or "")  # fmt: skip
+
+        await asyncio.gather(idle(), idle(), complete())
+    by = {rpc: dict(codes) for rpc, codes in tally.by_rpc.items()}
+    return tally, "; ".join(f"{rpc}: {codes}" for rpc, codes in by.items())
+
+
+def phase_hostile(repository: Path, work: Path, args: argparse.Namespace) -> PhaseRow:
+    tokens = work / "hostile.tokens"
+    tokens.write_text(HOSTILE_TOKEN + "\n")
+    server = Server(
+        repository, work / "hostile.db", work / "hostile.log",
+        "--auth-tokens-file", str(tokens), "--stream-idle-seconds", "2",
+        "--sampling-max-builds", "2",
+    )  # fmt: skip
+    with server.start():
+        settle(args.settle)
+        before = server.rss()
+        with RssSampler(server.pid) as sampler:
+            tally, summary = asyncio.run(hostile_round(server.address))
+        settle(args.settle)
+        after = server.rss()
+    return PhaseRow("hostile callers", tally, (before, sampler.peak, after), summary)
+
+
 def run_phases(args: argparse.Namespace, work: Path) -> list[PhaseRow]:
     repository, twin = export_model(work)
     steps: dict[str, Callable[[], list[PhaseRow]]] = {
@@ -819,6 +919,7 @@ def run_phases(args: argparse.Namespace, work: Path) -> list[PhaseRow]:
         "kill9": lambda: phase_kill9(repository, work, args),
         "triton": lambda: [phase_triton(repository, twin, work, args)],
         "diskfull": lambda: [phase_diskfull(repository, work, args)],
+        "hostile": lambda: [phase_hostile(repository, work, args)],
     }
     rows: list[PhaseRow] = []
     for phase in args.phases:

@@ -12,6 +12,7 @@ from . import logs
 from .app import App
 from .config import Settings, parse_settings
 from .errors import StartupError
+from .supervisor import resolve_workers, run_workers
 
 log = logging.getLogger("adaface_server")
 
@@ -32,9 +33,13 @@ async def run(settings: Settings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     settings = parse_settings(argv)
     logs.configure(settings.log_level, settings.log_format)
     try:
+        workers = resolve_workers(settings.workers)
+        if workers > 1:
+            return run_workers(settings, argv, workers)
         asyncio.run(run(settings))
     except StartupError as exc:
         print(f"adaface-server: error: {exc}", file=sys.stderr)

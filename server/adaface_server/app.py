@@ -9,7 +9,6 @@ import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from adaface.v1 import (
     embedder_pb2,
@@ -24,6 +23,7 @@ from . import memory
 from .api.embedder import EmbedderServicer
 from .api.gallery import GalleryServicer
 from .api.interceptor import RequestInterceptor
+from .api.reflection import enable_reflection
 from .api.sampling import SamplingServicer
 from .api.web.server import HttpServer
 from .backends.base import create_backend
@@ -33,7 +33,8 @@ from .errors import StartupError
 from .gallery.service import GalleryService
 from .metrics import Metrics
 from .sampling.service import SamplingService
-from .security import load_tokens, server_credentials
+from .security import bearer_allowed, load_tokens, server_credentials
+from .supervisor import WorkerReadiness, publish_live_gauges
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class App:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(gallery_labels=settings.metrics_gallery_labels)
         # Read here so a bad token file or certificate stops the server at start-up.
         tokens = load_tokens(settings)
         self._credentials = server_credentials(settings)
@@ -69,8 +70,9 @@ class App:
                 # the message (RESOURCE_EXHAUSTED) before reading it into memory.
                 ("grpc.max_receive_message_length", min(2 * limit, 2**31 - 1)),
                 ("grpc.max_send_message_length", limit),
-                # A second server on the same port must fail, not silently share it.
-                ("grpc.so_reuseport", 0),
+                # A second server on the same port must fail, not silently share it;
+                # pre-forked workers (--workers N) share it on purpose.
+                ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
             ],
         )
         embedder_pb2_grpc.add_EmbedderServicer_to_server(
@@ -91,15 +93,16 @@ class App:
         self.metrics.live.queue_depth = lambda: self.embedding.queued_rows
         self.metrics.live.gallery_sizes = self.gallery.sizes
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self.server)
         self.port = 0
         self.metrics_port = -1
         self.http_port = -1
         self._loader: asyncio.Task | None = None
         self._trimmer: asyncio.Task | None = None
         self._gallery_open: asyncio.Task | None = None
+        # With --workers N: SERVING only while every worker is.
+        self._workers = WorkerReadiness(settings)
+        self._publisher: asyncio.Task | None = None
 
     async def start(self) -> int:
         address = f"{self.settings.host}:{self.settings.port}"
@@ -113,13 +116,17 @@ class App:
         except RuntimeError:
             self.port = 0
         if self.port == 0:
-            hint = " or the TLS key does not match its certificate" if self._credentials else ""
+            # The TLS key pair was checked when the credentials were made.
             raise StartupError(
-                f"cannot listen on {address}: the port is in use{hint}; if another "
+                f"cannot listen on {address}: the port is in use; if another "
                 "adaface-server holds it, pick another port with --port (ADAFACE_PORT)"
             )
         settings = self.settings
-        self.metrics_port = self.metrics.serve(settings.metrics_host, settings.metrics_port)
+        self.metrics_port = self.metrics.serve(
+            settings.metrics_host,
+            settings.metrics_port,
+            lambda header: bearer_allowed(self.calls.tokens, header),
+        )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.http is not None:
             await self._start_http()
@@ -134,6 +141,10 @@ class App:
         self._gallery_open = asyncio.create_task(self.gallery.open(), name="gallery-open")
         self._loader = asyncio.create_task(self._load(), name="model-loader")
         self._trimmer = asyncio.create_task(self._trim_when_idle(), name="memory-trim")
+        if settings.worker_state_dir:  # a supervised worker: gauges go to the parent's /metrics
+            self._publisher = asyncio.create_task(
+                publish_live_gauges(self.metrics.live), name="live-gauges"
+            )
         return self.port
 
     async def _start_http(self) -> None:
@@ -198,7 +209,7 @@ class App:
         and come back, and health must say so without a restart."""
         serving: bool | None = None
         while True:
-            ready = self.embedding.ready()
+            ready = self._workers.all_serving(self.embedding.ready())
             if ready != serving:
                 if serving is not None:
                     log.warning(
@@ -217,6 +228,7 @@ class App:
     async def stop(self, grace: float | None = None) -> None:
         """Stops taking new RPCs, lets in-flight ones finish within `grace`, then closes."""
         grace = self.settings.grace_seconds if grace is None else grace
+        self._workers.leave()
         await self.health.enter_graceful_shutdown()
         if self._loader is not None:
             self._loader.cancel()
@@ -224,6 +236,8 @@ class App:
             self._trimmer.cancel()
         if self.http is not None:
             await self.http.stop()
+        if self._publisher is not None:
+            self._publisher.cancel()
         await self.server.stop(grace)
         if self._gallery_open is not None:
             await self._gallery_open  # the rebuild runs in a thread: let it finish

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,12 @@ class Settings:
         default=1, metadata={"help": "threads decoding and aligning images"}
     )
     max_message_bytes: int = field(
-        default=64 * 1024 * 1024, metadata={"help": "largest gRPC message, bytes"}
+        default=64 * 1024 * 1024,
+        metadata={
+            "help": "largest gRPC message, bytes: room for one image at --max-image-bytes "
+            "or 64 photos of 1 MiB; callers without a valid token are refused before any "
+            "of it is read"
+        },
     )
     grace_seconds: float = field(
         default=10.0, metadata={"help": "SIGTERM: time to finish in-flight requests"}
@@ -106,6 +112,14 @@ class Settings:
         default=1_000_000,
         metadata={"help": "requests accepted on one EmbedStream/EnrollStream/Import stream"},
     )
+    stream_idle_seconds: float = field(
+        default=60.0,
+        metadata={
+            "help": "a request stream (EmbedStream, EnrollStream, Import, BuildEpoch) that "
+            "sends nothing for this long while the server waits is ended with "
+            "DEADLINE_EXCEEDED (0: no limit)"
+        },
+    )
     tls_certificate: str = field(
         default="", metadata={"help": "TLS: PEM certificate chain of this server ('' = no TLS)"}
     )
@@ -135,13 +149,23 @@ class Settings:
         default=9464,
         metadata={"help": "Prometheus /metrics HTTP port (0 picks a free one, -1 turns it off)"},
     )
-    metrics_host: str = field(default="0.0.0.0", metadata={"help": "address /metrics binds"})
     http_port: int = field(
         default=-1,
         metadata={
             "help": "HTTP/JSON API and web console port on --host (0 picks a free one, "
             "-1 turns it off)"
         },
+    )
+    metrics_host: str = field(
+        default="127.0.0.1",
+        metadata={
+            "help": "address /metrics binds (0.0.0.0 for every interface); with tokens "
+            "configured a scrape needs 'Authorization: Bearer <token>'"
+        },
+    )
+    metrics_gallery_labels: bool = field(
+        default=True,
+        metadata={"help": "label gallery sizes by gallery name (false: totals only)"},
     )
     sampling_max_identities: int = field(
         default=2_000_000, metadata={"help": "identities accepted in one Sampling.BuildEpoch"}
@@ -203,9 +227,56 @@ class Settings:
     gallery_max_import_bytes: int = field(
         default=8 * 1024**3, metadata={"help": "largest Gallery.Import upload, bytes"}
     )
+    # Several processes and replicas on one gallery store.
+    gallery_url: str = field(
+        default="",
+        metadata={
+            "help": "PostgreSQL gallery store, postgresql://user@host:5432/db (replaces "
+            "--gallery-path; the password comes from PGPASSWORD, PGPASSFILE or "
+            "--gallery-password-file, never from this URL's flag)"
+        },
+    )
+    gallery_password_file: str = field(
+        default="",
+        metadata={"help": "file holding the PostgreSQL password (first line); empty: libpq's"},
+    )
+    gallery_log_keep: int = field(
+        default=100_000,
+        metadata={"help": "gallery change-log entries kept; older ones are trimmed (0: never)"},
+    )
     verify_threshold: float = field(
         default=0.3,
         metadata={"help": "Gallery.Verify default decision threshold on cosine (tune per model)"},
+    )
+
+    # Hardware: device and precision of the embedded backend, pre-forked worker processes.
+    device: str = field(
+        default="auto",
+        metadata={"help": "embedded backend device: auto (CUDA when present), cpu, cuda, cuda:N"},
+    )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "embedded model precision: auto (fastest that passes the parity gate vs "
+            "fp32 on the device found), fp32, bf16 or fp16 (CUDA); I/O stays fp32"
+        },
+    )
+    workers: str = field(
+        default="1",
+        metadata={
+            "help": "server processes sharing the port under a supervising parent: N or auto "
+            "(one per core on CPU, at most 8; up to 4 with CUDA); galleries need 1 until "
+            "they are shared"
+        },
+    )
+    reuse_port: bool = field(
+        default=False,
+        metadata={
+            "help": "share the gRPC and HTTP ports with other processes (SO_REUSEPORT; workers)"
+        },
+    )
+    worker_state_dir: str = field(
+        default="", metadata={"help": "set by the supervisor: where workers report readiness"}
     )
 
     def replace(self, **changes: object) -> Settings:
@@ -263,6 +334,16 @@ def parse_settings(
     return settings
 
 
+def _url_has_password(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        password = parts.password
+    except ValueError:
+        return True  # unparsable netloc: refuse rather than risk showing it
+    query = urllib.parse.parse_qs(parts.query)
+    return bool(password) or "password" in query
+
+
 def validate(s: Settings) -> list[str]:
     problems = []
     if s.backend not in ("torchscript", "triton"):
@@ -311,6 +392,7 @@ def validate(s: Settings) -> list[str]:
     if s.tls_client_ca and not s.tls_certificate:
         problems.append("--tls-client-ca (mutual TLS) needs --tls-certificate/--tls-private-key")
     problems.extend(validate_gallery(s))
+    problems.extend(validate_hardware(s))
     problems.extend(validate_triton(s))
     for name in ("threads", "max_batch_size"):
         if getattr(s, name) < 0:
@@ -333,6 +415,16 @@ def validate_gallery(s: Settings) -> list[str]:
     ):
         if getattr(s, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if s.gallery_url and not s.gallery_url.startswith(("postgresql://", "postgres://")):
+        problems.append("--gallery-url must be a postgresql:// URL")
+    elif s.gallery_url and _url_has_password(s.gallery_url):
+        # Never echo it: the message (and the URL) may end up in logs.
+        problems.append(
+            "--gallery-url must not hold a password; use PGPASSWORD, PGPASSFILE or "
+            "--gallery-password-file"
+        )
+    if s.gallery_log_keep < 0:
+        problems.append(f"--gallery-log-keep must be >= 0, got {s.gallery_log_keep}")
     if not 0.0 < s.gallery_compact_ratio <= 1.0:
         problems.append(f"--gallery-compact-ratio must be in (0, 1], got {s.gallery_compact_ratio}")
     if not -1.0 <= s.verify_threshold <= 1.0:
@@ -358,4 +450,20 @@ def validate_triton(s: Settings) -> list[str]:
         )
     if bool(s.triton_private_key) != bool(s.triton_certificate_chain):
         problems.append("--triton-private-key and --triton-certificate-chain go together")
+    return problems
+
+
+def validate_hardware(s: Settings) -> list[str]:
+    problems = []
+    if s.precision not in ("auto", "fp32", "bf16", "fp16"):
+        problems.append(f"--precision must be auto, fp32, bf16 or fp16, got {s.precision!r}")
+    if not (s.workers == "auto" or (s.workers.isdigit() and int(s.workers) >= 1)):
+        problems.append(f"--workers must be a number >= 1 or auto, got {s.workers!r}")
+    elif s.workers != "1" and s.http_port == 0:
+        problems.append("--http-port 0 picks a port per worker: give --workers a fixed HTTP port")
+    device = s.device
+    if device.startswith("cuda:"):
+        device = "cuda" if device[5:].isdigit() else device
+    if device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {s.device!r}")
     return problems

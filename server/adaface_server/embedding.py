@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from .errors import (
     InvalidArgument,
     ResourceExhausted,
     ServiceError,
+    StartupError,
     Unavailable,
     Unimplemented,
 )
@@ -76,6 +78,9 @@ class ModelInfo:
     server_version: str
     untrained: bool
     weights: str
+    device: str = ""  # where the embedded model runs ("cpu", "cuda:0"); "" for Triton
+    precision: str = ""  # "fp32", "bf16" or "fp16"; "" for Triton
+    worker_pid: int = 0  # the process that answered (several share a port with --workers)
 
 
 class EmbeddingService:
@@ -112,6 +117,10 @@ class EmbeddingService:
             try:
                 await self.backend.load()
                 break
+            except StartupError as exc:
+                # e.g. a device or precision this machine cannot run: retrying cannot help.
+                self._failure = str(exc)
+                raise
             except ServiceError as exc:
                 if not isinstance(exc, Unavailable):
                     # e.g. Triton serves a model with other tensors: retrying cannot help.
@@ -173,7 +182,7 @@ class EmbeddingService:
         elif meta.get("weights") == "unknown":
             weights = f"unknown: no local metadata.json for the model on {self.backend.target}"
         else:
-            weights = f"checkpoint {meta.get('checkpoint') or '?'}"
+            weights = _checkpoint_weights(meta)
         return ModelInfo(
             model_name=spec.name,
             arch=spec.arch,
@@ -184,6 +193,9 @@ class EmbeddingService:
             server_version=__version__,
             untrained=spec.untrained,
             weights=weights,
+            device=getattr(self.backend, "device", ""),
+            precision=getattr(self.backend, "precision", ""),
+            worker_pid=os.getpid(),
         )
 
     def _spec(self):
@@ -372,3 +384,10 @@ class EmbeddingService:
         finally:
             self._inflight_rows -= rows
         return np.concatenate([e for e, _ in results]), np.concatenate([n for _, n in results])
+
+
+def _checkpoint_weights(meta: dict) -> str:
+    """'checkpoint <file> (sha256 <first 12 digits>)' from the exporter's metadata.json."""
+    name = meta.get("checkpoint_file") or "(file name not recorded)"
+    digest = meta.get("checkpoint_sha256")
+    return f"checkpoint {name}" + (f" (sha256 {digest[:12]})" if digest else "")

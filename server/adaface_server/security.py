@@ -12,6 +12,7 @@ import enum
 import hashlib
 import hmac
 import os
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,16 @@ class TokenSet:
         return None if best is None else Caller(best, fingerprint(presented))
 
 
+def bearer_allowed(tokens: TokenSet, header: str | None) -> bool:
+    """Whether an HTTP `Authorization` header may pass: any valid token does, and with no
+    tokens configured no header is needed."""
+    if not tokens.enabled:
+        return True
+    scheme, _, token = (header or "").partition(" ")
+    token = token.strip()
+    return scheme.lower() == "bearer" and bool(token) and tokens.check(token) is not None
+
+
 def _read_tokens(source: str, text: str) -> list[str]:
     tokens = []
     for number, raw in enumerate(text.splitlines(), 1):
@@ -136,8 +147,29 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     client_ca = None
     if settings.tls_client_ca:
         client_ca = _read_pem(settings.tls_client_ca, "client CA", b"CERTIFICATE")
+    _check_key_pair(settings.tls_certificate, settings.tls_private_key)  # every file read
     return grpc.ssl_server_credentials(
         [(key, chain)],
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+def _check_key_pair(certificate: str, private_key: str) -> None:
+    """gRPC only reports a key that does not fit its certificate as a failure to bind;
+    OpenSSL (through `ssl`) says so precisely, before any port is touched."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # An encrypted key gets an empty password and fails here (gRPC cannot use one).
+        context.load_cert_chain(
+            Path(certificate).expanduser(), Path(private_key).expanduser(), password=b""
+        )
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise StartupError(
+                f"the TLS private key {private_key} does not match the certificate {certificate}"
+            ) from None
+        raise StartupError(
+            f"cannot use the TLS certificate {certificate} with the private key "
+            f"{private_key}: {exc.reason or exc}"
+        ) from None

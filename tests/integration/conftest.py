@@ -55,3 +55,18 @@ def triton(triton_repository, tmp_path_factory: pytest.TempPathFactory):
     process = TritonProcess(triton_repository, log_path, install).start()
     yield process
     process.stop()
+
+
+# A throw-away PostgreSQL cluster shared by the session (see postgres_harness.py).
+POSTGRES_PASSWORD = "pg-secret-4f9c2e"  # tests check it never shows in logs or errors
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    from .postgres_harness import PostgresCluster
+
+    cluster = PostgresCluster(POSTGRES_PASSWORD).init()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()

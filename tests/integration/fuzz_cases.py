@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -57,6 +58,22 @@ SPECIAL_TEXT = (
     "名前",
     "\U0010ffff",
 )
+
+
+#: Characters identity ids may not hold besides the C0/C1 controls: bidi marks, embeddings,
+#: overrides and isolates.
+BIDI_FORMATTING = (
+    set("\u061c\u200e\u200f")
+    | {chr(c) for c in range(0x202A, 0x202F)}
+    | {chr(c) for c in range(0x2066, 0x206A)}
+)
+
+
+def identity_refused(text: str) -> bool:
+    """Whether the server must refuse `text` as an identity id (length, controls, bidi)."""
+    if not 1 <= len(text) <= 256:
+        return True
+    return any(unicodedata.category(c) == "Cc" or c in BIDI_FORMATTING for c in text)
 
 
 def any_text(max_size: int = 40) -> st.SearchStrategy[str]:
@@ -348,6 +365,10 @@ def image_cases(draw, for_detect: bool = False, clean: bool | None = None) -> Im
     invalid, mode = image_field_error(msg, for_detect)
     if source.outcomes is not None:
         outcomes = set(source.outcomes)
+    elif source.kind == "bomb" and mode == ALIGNED and source.size != (CROP, CROP):
+        # The header alone settles it: an aligned crop of another size is refused before
+        # its (missing) pixels are decoded.
+        outcomes = {"NOT_ALIGNED"}
     elif source.corrupt:
         outcomes = {"UNDECODABLE", "TOO_MANY_PIXELS"} | decoded_outcomes(mode, None, label)
     else:

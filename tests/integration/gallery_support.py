@@ -68,10 +68,19 @@ def free_port() -> int:
 
 
 def start_server_process(
-    repository: Path, model: str, gallery_path: Path, port: int, log: Path
+    repository: Path,
+    model: str,
+    gallery_path: Path | None,
+    port: int,
+    log: Path,
+    store_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
-    """`python -m adaface_server` as a real child process (killable with SIGKILL)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """`python -m adaface_server` as a real child process (killable with SIGKILL).
+
+    `store_args` replaces `--gallery-path` (e.g. `--gallery-url ...`); `env` adds variables."""
+    store = store_args if store_args is not None else ["--gallery-path", str(gallery_path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log, "ab") as out:
         return subprocess.Popen(
             [
@@ -88,10 +97,11 @@ def start_server_process(
                 model,
                 "--threads",
                 "1",
-                "--gallery-path",
-                str(gallery_path),
+                *store,
                 "--metrics-port",
                 "0",
+                "--precision",
+                "fp32",  # gallery tests compare with fp32 vectors (server_settings does too)
             ],
             cwd=REPO,
             env=env,

@@ -92,5 +92,9 @@ def server_settings(repository: Path, model: str, **overrides: object) -> Settin
         mtcnn_weights=MTCNN_WEIGHTS,
         metrics_port=0,  # a free port each: servers in one test run never collide
         log_format="text",
+        # Golden and parity tests (1e-4 vs upstream, batch vs single, Triton vs embedded)
+        # need exact fp32; the server's default (auto) may pick bf16 on a bf16-capable CPU.
+        # Tests of reduced precision override this.
+        precision="fp32",
     )
     return base.replace(**overrides)

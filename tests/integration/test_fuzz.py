@@ -52,6 +52,7 @@ from .fuzz_cases import (
     detect_options,
     f32,
     floats32,
+    identity_refused,
     image_cases,
     image_field_error,
     unit,
@@ -76,7 +77,7 @@ DIM = 512  # the ir_18 test model's embedding length
 VEC_DIM = 8  # a small gallery pinned to another model, filled with vectors only
 VEC_CHECKSUM = "ab" * 32
 GALLERIES = {"fuzz-model": DIM, "fuzz-vec": VEC_DIM}
-IDENTITIES = ("alice", "bob", "名前\u202e😀", "nul\x00id", "ghost")  # ghost: no samples left
+IDENTITIES = ("alice", "bob", "名前😀\u0301", "zwnbsp\ufeffid", "ghost")  # ghost: no samples left
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAGIC = b"ADAFACE-GALLERY 1\n"
 WATCH_EVERY = 250  # calls between two health + golden-embedding checks
@@ -722,7 +723,7 @@ class EnrollCase(Brief):
             return "mode", None
         if request.gallery not in GALLERIES:
             return None, Code.NOT_FOUND
-        if not 1 <= len(request.identity) <= 256:
+        if identity_refused(request.identity):
             return "identity", None
         if metadata_error(dict(request.metadata)):
             return "metadata", None
@@ -739,12 +740,17 @@ class EnrollCase(Brief):
 
 
 def identities(good: bool) -> st.SearchStrategy[str]:
-    """Identity ids: 1..256 characters of any unicode when good, else empty or too long."""
+    """Identity ids: 1..256 characters of unicode without controls when good, else empty,
+    too long, or holding a control or bidirectional formatting character."""
     if good:
         return st.one_of(
-            st.sampled_from(IDENTITIES), any_text().filter(lambda t: 1 <= len(t) <= 256)
+            st.sampled_from(IDENTITIES), any_text().filter(lambda t: not identity_refused(t))
         )
-    return st.one_of(st.just(""), st.builds(lambda n: "名" * n, st.integers(257, 10_000)))
+    return st.one_of(
+        st.just(""),
+        st.builds(lambda n: "名" * n, st.integers(257, 10_000)),
+        any_text().filter(lambda t: 1 <= len(t) <= 256 and identity_refused(t)),
+    )
 
 
 def pinned(gallery: str, good: bool) -> st.SearchStrategy[str]:

@@ -41,6 +41,12 @@ NOT_RUN = {
         "TLS is tested in tests/integration/test_client_security.py with generated PKI"
     ),
     "needs a running Triton server": "Triton is tested in tests/integration/test_triton.py",
+    "needs rootful podman; make test-containers runs these steps": (
+        "tests/containers/ build and run the images with podman (make test-containers)"
+    ),
+    "needs a Kubernetes cluster; tests/unit/test_k8s_manifests.py validates the manifests": (
+        "no cluster on CI; the manifests are validated offline against the schemas"
+    ),
     "needs Docker": "no Docker engine on CI; tests/unit/test_docker_files.py checks the files",
     "needs a Ray cluster, a manifest and object storage": (
         "tests/integration/test_ray_extract.py runs both calls on a local Ray"

@@ -57,7 +57,9 @@ def host_volumes(service: dict) -> dict[str, str]:
 
 
 def test_services_and_pinned_images(compose):
-    assert set(compose["services"]) == {"export", "triton", "server"}
+    assert set(compose["services"]) == {"export", "triton", "postgres", "server"}
+    postgres = interpolate(compose["services"]["postgres"]["image"])
+    assert re.fullmatch(r"postgres:\d+\.\d+-bookworm", postgres), postgres
     triton = compose["services"]["triton"]
     assert TRITON_IMAGE.match(interpolate(triton["image"])), triton["image"]
     ours = {compose["services"][s]["image"] for s in ("export", "server")}
@@ -128,8 +130,12 @@ def test_start_order_health_and_restart(compose):
     assert services["triton"]["depends_on"] == {
         "export": {"condition": "service_completed_successfully"}
     }
-    assert services["server"]["depends_on"] == {"triton": {"condition": "service_healthy"}}
-    for name in ("triton", "server"):
+    assert services["server"]["depends_on"] == {
+        "triton": {"condition": "service_healthy"},
+        "postgres": {"condition": "service_healthy"},
+    }
+    assert services["postgres"]["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    for name in ("triton", "postgres", "server"):
         assert services[name]["restart"] == "unless-stopped"
         assert services[name]["healthcheck"]["test"][0] == "CMD"
     assert "/v2/health/ready" in services["triton"]["healthcheck"]["test"][-1]
@@ -204,3 +210,18 @@ def test_dockerfile_copies_only_files_that_exist_and_are_not_ignored():
     # Weights and the venv never enter the build context.
     for pattern in (".venv", "**/*.pt", "**/*.ckpt"):
         assert pattern in ignored
+
+
+def test_server_keeps_its_galleries_in_the_postgres_service(compose):
+    services = compose["services"]
+    server, postgres = services["server"], services["postgres"]
+    settings = parse_settings([], env={k: str(v) for k, v in server["environment"].items()})
+    assert settings.gallery_url == "postgresql://adaface@postgres:5432/galleries"
+    env = postgres["environment"]
+    assert (env["POSTGRES_USER"], env["POSTGRES_DB"]) == ("adaface", "galleries")
+    # One secret file gives the password to both; it is never in the URL or the environment.
+    secret = "/run/secrets/postgres_password"
+    assert env["POSTGRES_PASSWORD_FILE"] == secret == settings.gallery_password_file
+    assert server["secrets"] == postgres["secrets"] == ["postgres_password"]
+    assert "postgres_password" in compose["secrets"]
+    assert any(v.endswith(":/var/lib/postgresql/data") for v in postgres["volumes"])

@@ -42,13 +42,43 @@ def store(tmp_path):
     s.close()
 
 
-def test_pragmas_and_lock(store, tmp_path):
+def test_pragmas_and_a_second_store_on_the_same_file(store, tmp_path):
     conn = store.reader()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     second = Store(store.path)
-    with pytest.raises(FailedPrecondition, match="in use by another server"):
-        second.open()
+    second.open()  # no lock file: several processes share one store
+    try:
+        row = second.submit(lambda c: (db.insert_gallery(c, "g", "c" * 64, "m", 4, {}), None))
+        gallery = row.result()
+        seen = db.gallery_row(store.reader(), gallery.gallery_id)
+        assert seen is not None and seen.name == "g"
+    finally:
+        second.close()
+    assert not os.path.exists(f"{store.path}.lock")
+
+
+def test_schema_v1_file_is_migrated_and_a_newer_one_refused(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(db._SCHEMA + ";")
+    old.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    old.commit()
+    old.close()
+    s = Store(path)
+    s.open()
+    conn = s.reader()
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(
+        db.SCHEMA_VERSION
+    )
+    assert conn.execute("SELECT COUNT(*) FROM changes").fetchone()[0] == 0
+    s.close()
+    newer = sqlite3.connect(path)
+    newer.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    newer.commit()
+    newer.close()
+    with pytest.raises(FailedPrecondition, match=r"schema version 99, newer than this server"):
+        Store(path).open()
 
 
 def test_group_commit_isolates_failing_writes(store):

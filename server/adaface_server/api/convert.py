@@ -203,6 +203,9 @@ def info_response(info: ModelInfo, settings) -> embedder_pb2.InfoResponse:
         server_version=info.server_version,
         untrained=info.untrained,
         weights=info.weights,
+        device=info.device,
+        precision=info.precision,
+        worker_pid=info.worker_pid,
         alignments=[common_pb2.ALIGNMENT_ALIGNED, common_pb2.ALIGNMENT_LANDMARKS]
         + ([common_pb2.ALIGNMENT_DETECT] if settings.detector != "none" else []),
     )

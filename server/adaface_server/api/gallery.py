@@ -147,7 +147,7 @@ def _search_response(outcomes: list[ProbeOutcome], searched: int) -> gallery_pb2
             result.error.CopyFrom(_image_error(o.error_reason, o.error_message))
             continue
         for h in o.hits:
-            result.matches.add(identity=h.identity, score=h.score, sample_id=h.sample_id)
+            result.matches.add(identity=h.identity, score=cosine(h.score), sample_id=h.sample_id)
     return response
 
 
@@ -162,10 +162,10 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServicer):
         return gallery_info(view)
 
     async def GetGallery(self, request, context):
-        return gallery_info(self._service.get(request.name))
+        return gallery_info(await self._service.get(request.name))
 
     async def ListGalleries(self, request, context):
-        views = self._service.list()
+        views = await self._service.list()
         return gallery_pb2.ListGalleriesResponse(galleries=[gallery_info(v) for v in views])
 
     async def DeleteGallery(self, request, context):
@@ -260,7 +260,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServicer):
             model_checksum=request.model_checksum,
         )
         return gallery_pb2.VerifyResponse(
-            score=result.score,
+            score=cosine(result.score),
             match=result.match,
             threshold=result.threshold,
             a_sample_id=result.a_sample_id,
@@ -311,3 +311,9 @@ def _stream_error(
         identity=request.identity,
         error=common_pb2.StreamError(code=code.value[0], message=message),
     )
+
+
+def cosine(score: float) -> float:
+    """A cosine similarity within [-1, 1]: float32 rounding can put a vector's similarity
+    with itself at 1.0000001, outside the range min_score and threshold accept."""
+    return min(1.0, max(-1.0, score))

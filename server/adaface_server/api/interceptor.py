@@ -3,10 +3,15 @@
 In order, for each call:
   1. a request id is taken from metadata `x-request-id` (or made up) and set as trailing
      metadata, so every answer, errors included, carries it;
-  2. the bearer token is checked (when tokens are configured);
+  2. the bearer token is checked (when tokens are configured). Metadata arrives before the
+     body, so a call without a valid token is refused before its body is read: the handler
+     then takes the request as a stream it never reads, and gRPC holds no more of the body
+     than its flow-control window;
   3. the request body is checked: over `max_message_bytes` or not a valid protobuf of the
      RPC's request type is INVALID_ARGUMENT naming the limit or the type, instead of gRPC's
-     generic answers; a request stream longer than `max_stream_requests` is cut off likewise;
+     generic answers; a request stream longer than `max_stream_requests` is cut off likewise,
+     and one that sends nothing for `stream_idle_seconds` while the server waits for it is
+     ended with DEADLINE_EXCEEDED naming the setting;
   4. the servicer runs with the request id and deadline in context variables;
   5. the outcome is counted (Prometheus) and logged as one line.
 """
@@ -27,7 +32,13 @@ from typing import Any
 import grpc
 
 from ..config import Settings
-from ..errors import InvalidArgument, PermissionDenied, ServiceError, Unauthenticated
+from ..errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    PermissionDenied,
+    ServiceError,
+    Unauthenticated,
+)
 from ..logs import ACCESS_LOGGER
 from ..metrics import Metrics
 from ..request_context import Call, current_call
@@ -110,6 +121,8 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler  # unknown method: gRPC answers UNIMPLEMENTED
         method = details.method
+        if self._refused(method, details.invocation_metadata):
+            return self._refusal(handler, method)
         deserialize = self._deserializer(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
@@ -132,6 +145,31 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(
             self._streaming(handler.stream_stream, method, True),
             request_deserializer=deserialize,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _refused(self, method: str, metadata: tuple | None) -> bool:
+        try:
+            self._caller(method, metadata)
+        except ServiceError:
+            return True
+        return False
+
+    def _refusal(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """A handler that answers the failed token check without reading the body: request
+        streams are read on demand, so a unary method is served as one and never read."""
+        never_read = _unread_body
+        if handler.response_streaming:
+            behaviour = handler.unary_stream or handler.stream_stream
+            return grpc.stream_stream_rpc_method_handler(
+                self._streaming(behaviour, method, True),
+                request_deserializer=never_read,
+                response_serializer=handler.response_serializer,
+            )
+        behaviour = handler.unary_unary or handler.stream_unary
+        return grpc.stream_unary_rpc_method_handler(
+            self._unary(behaviour, method, request_stream=True),
+            request_deserializer=never_read,
             response_serializer=handler.response_serializer,
         )
 
@@ -160,7 +198,18 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         self, requests: AsyncIterator[Any], tally: _Tally
     ) -> AsyncIterator[Any]:
         limit = self._settings.max_stream_requests
-        async for request in requests:
+        idle = self._settings.stream_idle_seconds
+        stream = aiter(requests)
+        while True:
+            try:
+                request = await asyncio.wait_for(anext(stream), idle if idle > 0 else None)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"stream message {tally.messages}: nothing arrived for {idle:g} s "
+                    "(stream_idle_seconds); send messages sooner or half-close the stream"
+                ) from None
             if isinstance(request, _Malformed):
                 raise InvalidArgument(f"stream message {tally.messages}: {request.message}")
             tally.messages += 1
@@ -188,12 +237,16 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         return call
 
     def _authorize(self, method: str, context: grpc.aio.ServicerContext, call: Call) -> None:
+        call.caller = self._caller(method, context.invocation_metadata())
+
+    def _caller(self, method: str, metadata: tuple | None) -> str | None:
+        """The caller's name for a call that may go on; raises when its token does not do."""
         tokens = self.tokens
         if not tokens.enabled:
-            return
+            return None
         if method in HEALTH_METHODS and self._settings.auth_health_open:
-            return
-        token = _bearer(context.invocation_metadata())
+            return None
+        token = _bearer(metadata)
         if not token:
             raise Unauthenticated(
                 "missing credentials: send metadata 'authorization: Bearer <token>'"
@@ -203,9 +256,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         caller: Caller | None = tokens.check(token)
         if caller is None:
             raise Unauthenticated("invalid bearer token")
-        call.caller = caller.name
         if method in ADMIN_METHODS and tokens.admin_required and caller.role < Role.ADMIN:
             raise PermissionDenied(f"{_short(method)} changes a gallery and needs an admin token")
+        return caller.name
 
     def _finish(
         self, call: Call, context: grpc.aio.ServicerContext, code: grpc.StatusCode, tally: _Tally
@@ -304,6 +357,11 @@ async def _abort(
         # abort() replaces trailing metadata already set (the request id): keep it.
         trailing = tuple(context.trailing_metadata() or ()) + tuple(trailing)
     await context.abort(code, clip_details(details), trailing_metadata=trailing)
+
+
+def _unread_body(data: bytes) -> _Malformed:
+    # Never called: a refused call's body is not read. Parsing nothing keeps it so if it were.
+    return _Malformed("request refused before its body was read")
 
 
 def _check_body(request: Any, tally: _Tally) -> None:

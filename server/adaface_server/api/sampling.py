@@ -8,6 +8,7 @@ from adaface.v1 import sampling_pb2, sampling_pb2_grpc
 
 from ..errors import InvalidArgument
 from ..sampling.service import (
+    EpochIndex,
     PrototypeEmbedder,
     PrototypeTable,
     SamplingOptions,
@@ -35,32 +36,37 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServicer):
     # The reply is written with context.write(), and every check runs before the first
     # write, so a failure becomes a plain status (in the interceptor), as for unary calls.
     async def BuildEpoch(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
-        with self._service.build_slot():
-            table, images = await self._receive(request_iterator)
-            try:
+        # A build slot is taken only once every input has arrived: a stream left open
+        # without its end holds no slot (and is ended after stream_idle_seconds).
+        table, images = await self._receive(request_iterator)
+        try:
+            with self._service.build_slot():
                 index = await self._service.build(table, images)
-            finally:
-                await images.cancel()
-            plan = index.plan
-            await context.write(
-                sampling_pb2.BuildEpochResponse(
-                    header=sampling_pb2.EpochHeader(
-                        num_identities=plan.num_batches,
-                        num_samples=plan.num_samples,
-                        length=plan.length,
-                        num_batches=plan.num_batches,
-                        batch_size=plan.batch_size,
-                        num_instance=plan.num_instance,
-                        position_bytes=int(index.position_dtype[-1]),
-                        knn_precision=index.knn_precision,
-                        model_name=index.model_name,
-                    )
+                await self._send(index, context)
+        finally:
+            await images.cancel()
+
+    async def _send(self, index: EpochIndex, context: grpc.aio.ServicerContext) -> None:
+        plan = index.plan
+        await context.write(
+            sampling_pb2.BuildEpochResponse(
+                header=sampling_pb2.EpochHeader(
+                    num_identities=plan.num_batches,
+                    num_samples=plan.num_samples,
+                    length=plan.length,
+                    num_batches=plan.num_batches,
+                    batch_size=plan.batch_size,
+                    num_instance=plan.num_instance,
+                    position_bytes=int(index.position_dtype[-1]),
+                    knn_precision=index.knn_precision,
+                    model_name=index.model_name,
                 )
             )
-            async for chunk in self._service.positions(index):
-                await context.write(sampling_pb2.BuildEpochResponse(positions=chunk))
-            for chunk in self._service.cursor_chunks(index):
-                await context.write(sampling_pb2.BuildEpochResponse(cursors=chunk))
+        )
+        async for chunk in self._service.positions(index):
+            await context.write(sampling_pb2.BuildEpochResponse(positions=chunk))
+        for chunk in self._service.cursor_chunks(index):
+            await context.write(sampling_pb2.BuildEpochResponse(cursors=chunk))
 
     async def _receive(self, request_iterator) -> tuple[PrototypeTable, PrototypeEmbedder]:
         table: PrototypeTable | None = None

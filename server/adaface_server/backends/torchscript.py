@@ -1,4 +1,5 @@
-"""Embedded backend: the exported TorchScript model run in-process on a dedicated thread."""
+"""Embedded backend: the exported TorchScript model run in-process on a dedicated thread, on
+the device and at the precision chosen at load (backends/precision.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..config import Settings
-from ..errors import Unavailable
+from ..errors import StartupError, Unavailable
 from ..models.repository import ModelRepositoryError, ModelSpec, load_model_spec
 from .base import effective_max_batch_size
 
@@ -28,8 +29,11 @@ class TorchScriptBackend:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._spec: ModelSpec | None = None
-        self._module = None
+        self._runner = None
         self._ready = False
+        #: What runs, once loaded: e.g. "cpu" / "cuda:0" and "fp32" / "bf16" / "fp16".
+        self.device = ""
+        self.precision = ""
         # One thread owns the model: torch parallelises inside a forward pass, and a single
         # caller keeps batches from competing for the same cores.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchscript")
@@ -60,30 +64,72 @@ class TorchScriptBackend:
     def _load_sync(self, spec: ModelSpec) -> None:
         import torch
 
+        from . import precision
+
+        try:
+            device = precision.resolve_device(self._settings.device)
+        except precision.PrecisionError as exc:
+            raise StartupError(str(exc)) from None
         threads = self._settings.threads or len(os.sched_getaffinity(0))
         torch.set_num_threads(threads)
-        log.info("loading %s (%s) with %d threads", spec.model_path, spec.arch, threads)
-        module = torch.jit.load(str(spec.model_path), map_location="cpu")
+        log.info(
+            "loading %s (%s) on %s with %d threads", spec.model_path, spec.arch, device, threads
+        )
+        precision.exact_fp32_on_cuda(device)
+        module = torch.jit.load(str(spec.model_path), map_location=device)
         module.eval()
-        self._module = module
-        # TorchScript's profiling executor specialises on the first calls: run each batch
-        # size the batcher will commonly produce before declaring the model ready.
-        sizes = sorted({1, 2, max(1, self.max_batch_size // 2), self.max_batch_size})
+        exported = str(spec.metadata.get("precision", "fp32"))
+        requested = self._settings.precision
+        if exported != "fp32":
+            # A reduced-precision export (adaface-export --precision) already ran its parity
+            # gate at export time; it runs as exported, behind the same fp32 I/O.
+            if requested not in ("auto", exported):
+                raise StartupError(
+                    f"model {spec.name} was exported in {exported}: serve it with --precision "
+                    f"auto or {exported}, or export it in fp32 for --precision {requested}"
+                )
+            log.info(
+                "model %s was exported in %s (export gate: min cosine %s to fp32); runs as is",
+                spec.name,
+                exported,
+                spec.metadata.get("min_cosine"),
+            )
+            self._runner = precision.ModelRunner(module, device, "fp32", self.max_batch_size)
+            self.device, self.precision = str(device), exported
+        else:
+            try:
+                selection = precision.select_runner(module, device, requested, self.max_batch_size)
+            except precision.PrecisionError as exc:
+                raise StartupError(str(exc)) from None
+            self._runner = selection.runner
+            self.device, self.precision = str(device), selection.precision
+        # TorchScript's profiling executor specialises on the first calls, and CUDA picks
+        # kernels per shape: run every batch size the batcher produces on CUDA (any size up
+        # to the maximum), the common ones on CPU, before declaring the model ready.
+        if device.type == "cuda":
+            sizes = list(range(1, self.max_batch_size + 1))
+        else:
+            sizes = sorted({1, 2, max(1, self.max_batch_size // 2), self.max_batch_size})
         for size in sizes:
             zeros = np.zeros((size, *spec.input_dims), dtype=np.float32)
             for _ in range(2):
-                self._infer_sync(zeros)
-        log.info("model %s warmed up for batch sizes %s", spec.name, sizes)
+                self._runner(zeros)
+        log.info(
+            "model %s runs on %s in %s (requested --device %s --precision %s); warmed up for "
+            "batch sizes %s",
+            spec.name,
+            self.device,
+            self.precision,
+            self._settings.device,
+            self._settings.precision,
+            _ranges(sizes),
+        )
 
     def _infer_sync(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        with torch.inference_mode():
-            embeddings, norms = self._module(torch.from_numpy(batch))
-        return embeddings.numpy(), norms.numpy()
+        return self._runner(batch)
 
     async def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self._module is None:
+        if self._runner is None:
             raise Unavailable(f"model {self._settings.model!r} is not loaded")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._infer_sync, batch)
@@ -91,3 +137,9 @@ class TorchScriptBackend:
     async def close(self) -> None:
         self._ready = False
         self._executor.shutdown(wait=True)
+
+
+def _ranges(sizes: list[int]) -> str:
+    if len(sizes) > 4 and sizes == list(range(sizes[0], sizes[-1] + 1)):
+        return f"{sizes[0]}..{sizes[-1]}"
+    return ", ".join(map(str, sizes))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +24,9 @@ from ..errors import (
     Unavailable,
 )
 from ..preprocess.detect import DetectParams
+from . import changelog
 from . import store as db
+from .changelog import Follower, LiveGallery, Replica
 from .index import Change, ExactIndex, create_index
 from .records import (
     EnrollResult,
@@ -35,7 +37,8 @@ from .records import (
     VerifyOperand,
     VerifyResult,
 )
-from .store import GalleryRow, IdentityRow, SampleRow, Store
+from .store import GalleryRow, IdentityRow, SampleRow
+from .stores import open_store
 from .transfer import export_stream, group_export, insert_imported, parse_native, parse_seed_pth
 from .validation import (
     DEFAULT_DIM,
@@ -61,40 +64,19 @@ from .validation import (
 log = logging.getLogger(__name__)
 
 
-class _Gallery:
-    """In-memory state of one gallery; counters change only in the writer thread."""
-
-    def __init__(self, row: GalleryRow, index: ExactIndex, identities: int, samples: int):
-        self.row = row
-        self.index = index
-        self.identities = identities
-        self.samples = samples
-
-    def view(self) -> GalleryView:
-        r = self.row
-        return GalleryView(
-            name=r.name,
-            model_checksum=r.model_checksum,
-            model_name=r.model_name,
-            dim=r.dim,
-            identity_count=self.identities,
-            sample_count=self.samples,
-            created_at=r.created_at,
-            metadata=dict(r.metadata),
-            index=self.index.kind,
-            dtype=self.index.dtype,
-            index_bytes=self.index.stats().nbytes,
-        )
-
-
 class GalleryService:
-    """Owns the SQLite store, one in-memory index per gallery, and the read/search threads."""
+    """Owns the store, this process's replica of every gallery, and the read/search threads.
+
+    Other processes may write the same store: every call first catches up with the change
+    log (read-your-writes across processes), and a follower thread keeps up while idle.
+    """
 
     def __init__(self, settings: Settings, embedding: EmbeddingService) -> None:
         self.settings = settings
         self.embedding = embedding
-        self.store = Store(settings.gallery_path)
-        self._galleries: dict[str, _Gallery] = {}
+        self.store = open_store(settings)
+        self._replica = Replica(self.store, lambda dim, n: self._new_index(dim, n))
+        self._follower = Follower(self._replica, settings.gallery_log_keep)
         self._reads = ThreadPoolExecutor(
             max_workers=settings.gallery_search_workers, thread_name_prefix="gallery-read"
         )
@@ -116,12 +98,15 @@ class GalleryService:
             self._open_error = Internal(f"gallery store {self.store.path} failed to open: {exc}")
             log.exception("opening the gallery store failed")
 
+    @property
+    def _galleries(self) -> dict[str, LiveGallery]:
+        return self._replica.galleries
+
     def _open(self) -> None:
         started = time.perf_counter()
         self.store.open()
-        conn = self.store.reader()
-        for row in db.load_galleries(conn):
-            self._galleries[row.name] = self._rebuild(conn, row)
+        self._replica.load()
+        self._follower.start()
         self._ready = True
         log.info(
             "gallery store %s: %d galleries, %d samples indexed in %.2fs",
@@ -144,31 +129,12 @@ class GalleryService:
             hnsw_ef_search=s.gallery_hnsw_ef_search,
         )
 
-    def _rebuild(self, conn: sqlite3.Connection, row: GalleryRow) -> _Gallery:
-        identities, live, samples = db.gallery_counts(conn, row.gallery_id)
-        index = self._new_index(row.dim, samples)
-        names = db.identity_names(conn, row.gallery_id)
-        first = True
-        for keys, labels, vectors in db.iter_sample_blocks(conn, row.gallery_id, row.dim):
-            index.apply(
-                [
-                    Change(
-                        add_keys=keys,
-                        add_labels=labels,
-                        add_vectors=vectors,
-                        names=names if first else {},
-                        identity_delta=live if first else 0,
-                    )
-                ]
-            )
-            first = False
-        if first:
-            index.apply([Change(names=names, identity_delta=live)])
-        return _Gallery(row, index, identities, samples)
-
     async def close(self) -> None:
-        self._ready = False
-        await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+        was_ready, self._ready = self._ready, False
+        loop = asyncio.get_running_loop()
+        if was_ready:
+            await loop.run_in_executor(None, self._follower.stop)
+        await loop.run_in_executor(None, self.store.close)
         self._reads.shutdown(wait=False, cancel_futures=True)
 
     def sizes(self) -> list[tuple[str, int, int]]:
@@ -183,7 +149,22 @@ class GalleryService:
         if not self._ready:
             raise Unavailable(f"gallery store {self.store.path} is loading")
 
-    def _gallery(self, name: str) -> _Gallery:
+    async def _sync(self) -> None:
+        """Read-your-writes: brings this process up to every write the store acknowledged."""
+        self._check_open()
+        await self._read(self._replica.sync)
+
+    async def _synced(self, name: str) -> LiveGallery:
+        await self._sync()
+        return self._gallery(name)
+
+    def _logged(self, conn: Any, gallery_id: int, kind: str, payload: dict | None, apply):
+        """Appends the write's change-log entry; returns the after-commit step that brings
+        this process's memory up to it."""
+        seq = changelog.append(conn, gallery_id, kind, payload)
+        return lambda: self._replica.committed(seq, apply)
+
+    def _gallery(self, name: str) -> LiveGallery:
         self._check_open()
         g = self._galleries.get(name)
         if g is None:
@@ -287,45 +268,45 @@ class GalleryService:
         dim = dim or DEFAULT_DIM
         if not 1 <= dim <= 65536:
             raise InvalidArgument(f"dim: must be 1..65536, got {dim}")
+        await self._sync()
         if name in self._galleries:
             raise AlreadyExists(f"gallery {shown(name)} already exists")
         index = self._new_index(dim)
 
         def op(conn):
-            try:
-                row = db.insert_gallery(conn, name, model_checksum, model_name, dim, metadata)
-            except sqlite3.IntegrityError:
-                raise AlreadyExists(f"gallery {shown(name)} already exists") from None
-            g = _Gallery(row, index, 0, 0)
+            if db.gallery_id_of(conn, name) is not None:
+                raise AlreadyExists(f"gallery {shown(name)} already exists")
+            row = db.insert_gallery(conn, name, model_checksum, model_name, dim, metadata)
+            g = LiveGallery(row, index, 0, 0)
 
-            def after() -> None:
+            def apply() -> None:
                 self._galleries[name] = g
 
-            return g, after
+            return g, self._logged(conn, row.gallery_id, changelog.CREATE, None, apply)
 
         g = await self._write(op)
         return g.view()
 
-    def get(self, name: str) -> GalleryView:
-        return self._gallery(name).view()
+    async def get(self, name: str) -> GalleryView:
+        return (await self._synced(name)).view()
 
-    def list(self) -> list[GalleryView]:
-        self._check_open()
+    async def list(self) -> list[GalleryView]:
+        await self._sync()
         return [g.view() for _, g in sorted(self._galleries.items())]
 
     async def delete(self, name: str) -> tuple[int, int]:
-        g = self._gallery(name)
+        g = await self._synced(name)
 
         def op(conn):
             if not db.gallery_exists(conn, g.row.gallery_id):
                 raise NotFound(f"gallery {shown(name)} not found")
             counts = db.delete_gallery(conn, g.row.gallery_id)
 
-            def after() -> None:
+            def apply() -> None:
                 if self._galleries.get(name) is g:
                     del self._galleries[name]
 
-            return counts, after
+            return counts, self._logged(conn, g.row.gallery_id, changelog.DROP, None, apply)
 
         return await self._write(op)
 
@@ -342,7 +323,7 @@ class GalleryService:
         detect: DetectParams | None = None,
         model_checksum: str = "",
     ) -> EnrollResult:
-        g = self._gallery(gallery)
+        g = await self._synced(gallery)
         check_identity(identity, "identity")
         check_metadata(metadata, "metadata")
         if mode not in MODES:
@@ -393,11 +374,16 @@ class GalleryService:
                 identity_delta=1 if before == 0 else 0,
             )
 
-            def after() -> None:
+            entry = changelog.sample_change(
+                ids, identity_id, identity, int(existing is None), change.identity_delta
+            )
+
+            def apply() -> None:
                 g.index.apply([change])
                 g.identities += existing is None
                 g.samples += len(ids)
 
+            after = self._logged(conn, gid, changelog.ADD, entry, apply)
             return (existing is None, ids, before + len(ids)), after
 
         created, ids, count = await self._write(op)
@@ -406,7 +392,7 @@ class GalleryService:
         return EnrollResult(identity, created, outcomes, count)
 
     async def remove_samples(self, gallery: str, sample_ids: Sequence[int]) -> tuple[int, int]:
-        g = self._gallery(gallery)
+        g = await self._synced(gallery)
         if not sample_ids:
             raise InvalidArgument("sample_ids: at least one id is required")
         wanted = list(dict.fromkeys(int(s) for s in sample_ids))
@@ -424,16 +410,19 @@ class GalleryService:
             emptied = db.delete_samples(conn, owners)
             change = Change(remove_keys=np.asarray(wanted, np.int64), identity_delta=-len(emptied))
 
-            def after() -> None:
+            def apply() -> None:
                 g.index.apply([change])
                 g.samples -= len(wanted)
 
-            return (0, len(wanted)), after
+            entry = changelog.removal(wanted, 0, change.identity_delta)
+            return (0, len(wanted)), self._logged(
+                conn, g.row.gallery_id, changelog.REMOVE, entry, apply
+            )
 
         return await self._write(op)
 
     async def remove_identity(self, gallery: str, identity: str) -> tuple[int, int]:
-        g = self._gallery(gallery)
+        g = await self._synced(gallery)
 
         def op(conn):
             found = db.find_identity(conn, g.row.gallery_id, identity)
@@ -445,42 +434,48 @@ class GalleryService:
                 identity_delta=-1 if found.sample_count else 0,
             )
 
-            def after() -> None:
+            def apply() -> None:
                 g.index.apply([change])
                 g.identities -= 1
                 g.samples -= len(ids)
 
-            return (1, len(ids)), after
+            entry = changelog.removal(ids, -1, change.identity_delta)
+            return (1, len(ids)), self._logged(
+                conn, g.row.gallery_id, changelog.REMOVE, entry, apply
+            )
 
         return await self._write(op)
 
     async def get_identity(
         self, gallery: str, identity: str, include_vectors: bool
     ) -> tuple[IdentityRow, list[SampleRow]]:
-        g = self._gallery(gallery)
+        g = await self._synced(gallery)
 
         def read():
-            conn = self.store.reader()
-            found = db.find_identity(conn, g.row.gallery_id, identity)
-            if found is None:
-                raise NotFound(f"identity {shown(identity)} not found in gallery {shown(gallery)}")
-            return found, db.identity_samples(
-                conn, found.identity_id, g.row.dim, with_vectors=include_vectors
-            )
+            with self.store.snapshot() as conn:
+                found = db.find_identity(conn, g.row.gallery_id, identity)
+                if found is None:
+                    raise NotFound(
+                        f"identity {shown(identity)} not found in gallery {shown(gallery)}"
+                    )
+                return found, db.identity_samples(
+                    conn, found.identity_id, g.row.dim, with_vectors=include_vectors
+                )
 
         return await self._read(read)
 
     async def list_identities(
         self, gallery: str, page_size: int, page_token: str
     ) -> tuple[list[IdentityRow], str]:
-        g = self._gallery(gallery)
+        g = await self._synced(gallery)
         size = page_size or DEFAULT_PAGE_SIZE
         if not 1 <= size <= MAX_PAGE_SIZE:
             raise InvalidArgument(f"page_size: must be 0..{MAX_PAGE_SIZE}, got {page_size}")
         after = decode_page_token(page_token)
 
         def read():
-            return db.list_identities(self.store.reader(), g.row.gallery_id, after, size + 1)
+            with self.store.snapshot() as conn:
+                return db.list_identities(conn, g.row.gallery_id, after, size + 1)
 
         rows = await self._read(read)
         token = encode_page_token(rows[size - 1].name) if len(rows) > size else ""
@@ -499,7 +494,7 @@ class GalleryService:
         detect: DetectParams | None = None,
         model_checksum: str = "",
     ) -> tuple[list[ProbeOutcome], int]:
-        g = self._gallery(gallery)
+        g = await self._synced(gallery)
         if not probes:
             raise InvalidArgument("probes: at least one probe is required")
         if len(probes) > MAX_PROBES:
@@ -552,7 +547,7 @@ class GalleryService:
         for name, op in operands.items():
             if (op.sample is None) == (op.identity is None):
                 raise InvalidArgument(f"{name}: set one of image, vector or identity")
-        g = self._gallery(gallery) if gallery else None
+        g = (await self._synced(gallery)) if gallery else None
         if g is None and (a.identity is not None or b.identity is not None):
             raise InvalidArgument("gallery: required when an operand is an identity")
         samples = {n: op.sample for n, op in operands.items() if op.sample is not None}
@@ -598,7 +593,7 @@ class GalleryService:
     # -- export / import -----------------------------------------------------------------
 
     async def export(self, name: str) -> AsyncIterator[bytes]:
-        g = self._gallery(name)
+        g = await self._synced(name)
         conn = self.store.connect()
         chunks = self._export_chunks(conn, g.row)
         loop = asyncio.get_running_loop()
@@ -611,7 +606,7 @@ class GalleryService:
             chunks.close()
             conn.close()
 
-    def _export_chunks(self, conn: sqlite3.Connection, row: GalleryRow) -> Iterator[bytes]:
+    def _export_chunks(self, conn: Any, row: GalleryRow) -> Iterator[bytes]:
         # One read transaction: the file is a consistent point-in-time copy.
         conn.execute("BEGIN")
         try:
@@ -650,31 +645,31 @@ class GalleryService:
             parsed = await self._read(parse_native, data)
             parsed.name = name or parsed.name
         check_name(parsed.name, "header.name")
+        await self._sync()
         if parsed.name in self._galleries:
             raise AlreadyExists(f"gallery {shown(parsed.name)} already exists")
         await self._read(check_import, parsed)
         index = self._new_index(parsed.dim, parsed.sample_count)
 
         def op(conn):
-            try:
-                row = db.insert_gallery(
-                    conn,
-                    parsed.name,
-                    parsed.model_checksum,
-                    parsed.model_name,
-                    parsed.dim,
-                    parsed.metadata,
-                )
-            except sqlite3.IntegrityError:
-                raise AlreadyExists(f"gallery {shown(parsed.name)} already exists") from None
+            if db.gallery_id_of(conn, parsed.name) is not None:
+                raise AlreadyExists(f"gallery {shown(parsed.name)} already exists")
+            row = db.insert_gallery(
+                conn,
+                parsed.name,
+                parsed.model_checksum,
+                parsed.model_name,
+                parsed.dim,
+                parsed.metadata,
+            )
             change = insert_imported(conn, row.gallery_id, parsed.identities)
-            g = _Gallery(row, index, len(parsed.identities), parsed.sample_count)
+            g = LiveGallery(row, index, len(parsed.identities), parsed.sample_count)
 
-            def after() -> None:
+            def apply() -> None:
                 index.apply([change])
                 self._galleries[row.name] = g
 
-            return g, after
+            return g, self._logged(conn, row.gallery_id, changelog.RELOAD, None, apply)
 
         g = await self._write(op)
         log.info(

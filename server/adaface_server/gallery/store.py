@@ -1,9 +1,13 @@
-"""SQLite gallery store (WAL, synchronous=FULL): the source of truth, with group commit."""
+"""SQLite gallery store (WAL, synchronous=FULL): the source of truth, with group commit.
+
+Several server processes may open one file: SQLite serialises their write transactions
+(BEGIN IMMEDIATE waits up to the busy timeout), and each process follows the others'
+writes through the change log (see changelog.py).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -20,11 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FailedPrecondition, Internal, ResourceExhausted, ServiceError, Unavailable
+from ..errors import (
+    FailedPrecondition,
+    Internal,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS galleries (
@@ -54,8 +64,18 @@ CREATE TABLE IF NOT EXISTS samples (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS samples_by_identity ON samples (identity_id);
-CREATE INDEX IF NOT EXISTS samples_by_gallery ON samples (gallery_id, sample_id);
+CREATE INDEX IF NOT EXISTS samples_by_gallery ON samples (gallery_id, sample_id)
 """
+# Schema version -> the statements that bring the previous version to it.
+_MIGRATIONS: dict[int, list[str]] = {
+    2: [
+        "CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+        "gallery_id INTEGER NOT NULL, kind TEXT NOT NULL, payload TEXT NOT NULL, "
+        "created_at REAL NOT NULL)"
+    ],
+}
+# How long (s) an idle process waits between looks at the change log.
+POLL_SECONDS = 0.05
 # Writes waiting when the writer wakes up are committed together: one fsync for all.
 MAX_GROUP = 256
 # How long (ms) the close-time checkpoint waits for a lingering reader before giving up.
@@ -184,10 +204,12 @@ class Store:
     full, I/O errors) become ServiceErrors (see storage_error): at COMMIT they fail every
     write of the transaction; one that makes SQLite drop the transaction mid-write fails
     that write alone and its neighbours run again. The writer thread outlives them all. A
-    write whose future was cancelled before the writer took it is never run. A lock file
-    keeps a second server process from opening the same store: its in-memory indexes
-    would silently diverge.
+    write whose future was cancelled before the writer took it is never run. Other
+    processes may write the same file: their changes reach this one's memory through the
+    change log.
     """
+
+    description = "SQLite"
 
     def __init__(self, path: Path) -> None:
         self.path = Path(os.path.expanduser(str(path)))
@@ -198,37 +220,15 @@ class Store:
         # Guards the queue's end: nothing may be queued behind the writer's stop sentinel.
         self._submit_lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._lock_fd: int | None = None
+        self._wake = threading.Event()
         self._conn: sqlite3.Connection | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise FailedPrecondition(
-                f"gallery store {self.path} is in use by another server (lock {self.path}.lock);"
-                " give each server its own --gallery-path"
-            ) from None
-        self._lock_fd = fd
         self._conn = self._connect()
-        self._conn.executescript(_SCHEMA)
-        self._conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-            (SCHEMA_VERSION,),
-        )
-        version = self._conn.execute(
-            "SELECT value FROM meta WHERE key = 'schema_version'"
-        ).fetchone()[0]
-        if version != SCHEMA_VERSION:
-            raise FailedPrecondition(
-                f"gallery store {self.path} has schema {version}, this server reads "
-                f"{SCHEMA_VERSION}"
-            )
+        migrate(self._conn, str(self.path))
         self._thread = threading.Thread(target=self._write_loop, name="gallery-writer", daemon=True)
         self._thread.start()
 
@@ -257,9 +257,6 @@ class Store:
             self._checkpoint(self._conn)
             self._conn.close()
             self._conn = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
         """Copies the WAL into the main file and empties it: after a clean stop the
@@ -297,6 +294,35 @@ class Store:
     def connect(self) -> sqlite3.Connection:
         """A private connection (e.g. for a long export); the caller closes it."""
         return self._connect()
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """This thread's reader inside one read transaction: a consistent view."""
+        conn = self.reader()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT" if conn.in_transaction else "SELECT 1")
+
+    def latest_seq(self) -> int:
+        """The newest committed change-log seq: one index lookup on this thread's reader."""
+        try:
+            row = self.reader().execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.path) or Internal(
+                f"gallery store {self.path}: read failed: {exc}"
+            ) from None
+        return int(row[0])
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Returns when the store may have changed: SQLite has no notifications, so after
+        a short poll interval (the caller's catch-up query is one index lookup)."""
+        self._wake.wait(min(timeout, POLL_SECONDS))
+        self._wake.clear()
+
+    def wake(self) -> None:
+        self._wake.set()
 
     # -- writes ------------------------------------------------------------------------
 
@@ -340,6 +366,17 @@ class Store:
             self._conn = self._connect()  # the last one broke (see _rollback)
         return self._conn
 
+    def _begin(self, conn: Any) -> None:
+        # IMMEDIATE: take the write lock now (waiting up to busy_timeout for another
+        # process's transaction), so change-log seqs follow commit order.
+        conn.execute("BEGIN IMMEDIATE")
+
+    def _before_commit(self, conn: Any) -> None:
+        """Hook run inside the transaction just before COMMIT."""
+
+    def _storage_error(self, exc: BaseException) -> ServiceError | None:
+        return storage_error(exc, self.path)
+
     def _commit_group(self, group: list[tuple[Op, Future]]) -> None:
         # A write whose failure made SQLite drop the whole transaction (it may on FULL or
         # IOERR, e.g. a big import spilling to a full disk) fails alone: its neighbours run
@@ -357,13 +394,14 @@ class Store:
         conn: sqlite3.Connection | None = None
         try:
             conn = self._writer()
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
             for i, (op, _) in enumerate(group):
                 try:
                     outcomes.append(self._run_op(conn, op))
                 except _TransactionLost as lost:
                     lost.index = i
                     raise
+            self._before_commit(conn)
             conn.execute("COMMIT")
         except _TransactionLost:
             if conn is not None:
@@ -397,7 +435,7 @@ class Store:
         try:
             result, after = op(conn)
         except Exception as exc:
-            mapped = storage_error(exc, self.path)
+            mapped = self._storage_error(exc)
             if mapped is not None:
                 log.error("gallery store %s: a write failed: %s", self.path, exc)
             if not conn.in_transaction:
@@ -409,7 +447,7 @@ class Store:
         return True, result, after
 
     def _group_error(self, exc: Exception, count: int) -> ServiceError:
-        mapped = storage_error(exc, self.path)
+        mapped = self._storage_error(exc)
         if mapped is not None:
             # An expected operational condition: one line, no traceback.
             log.error("gallery store %s: %d writes rolled back: %s", self.path, count, exc)
@@ -436,6 +474,35 @@ class Store:
                 future.set_exception(type(error)(*error.args))
 
 
+def migrate(conn: Any, where: str) -> None:
+    """Creates or upgrades the schema in one write transaction (safe when several
+    processes start at once); refuses a store written by a newer server."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA.split(";"):
+            conn.execute(statement)
+        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1')")
+        version = int(
+            conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        )
+        if version > SCHEMA_VERSION:
+            raise FailedPrecondition(
+                f"gallery store {where} has schema version {version}, newer than this "
+                f"server knows ({SCHEMA_VERSION}); run a newer server"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[target]:
+                conn.execute(statement)
+            log.info("gallery store %s: schema migrated to version %d", where, target)
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 # -- SQL helpers (run inside a write op or on a reader connection) ------------------------
 
 
@@ -456,12 +523,35 @@ def insert_gallery(
     metadata: dict[str, str],
 ) -> GalleryRow:
     now = time.time()
-    cur = conn.execute(
+    rows = conn.execute(
         "INSERT INTO galleries (name, model_checksum, model_name, dim, metadata, created_at) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
+        "VALUES (?, ?, ?, ?, ?, ?) RETURNING gallery_id",
         (name, model_checksum, model_name, dim, json.dumps(metadata), now),
-    )
-    return GalleryRow(cur.lastrowid, name, model_checksum, model_name, dim, metadata, now)
+    ).fetchall()
+    return GalleryRow(rows[0][0], name, model_checksum, model_name, dim, metadata, now)
+
+
+def gallery_row(conn: Any, gallery_id: int) -> GalleryRow | None:
+    r = conn.execute(
+        "SELECT gallery_id, name, model_checksum, model_name, dim, metadata, created_at "
+        "FROM galleries WHERE gallery_id = ?",
+        (gallery_id,),
+    ).fetchone()
+    return None if r is None else GalleryRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6])
+
+
+def sample_rows(conn: Any, sample_ids: list[int]) -> dict[int, tuple[int, bytes]]:
+    """sample_id -> (identity_id, vector bytes) for those of `sample_ids` still stored."""
+    out: dict[int, tuple[int, bytes]] = {}
+    for start in range(0, len(sample_ids), 500):
+        part = sample_ids[start : start + 500]
+        marks = ",".join("?" * len(part))
+        for sid, owner, blob in conn.execute(
+            f"SELECT sample_id, identity_id, vector FROM samples WHERE sample_id IN ({marks})",
+            tuple(part),
+        ).fetchall():
+            out[int(sid)] = (int(owner), bytes(blob))
+    return out
 
 
 def gallery_exists(conn: sqlite3.Connection, gallery_id: int) -> bool:
@@ -479,7 +569,8 @@ def gallery_id_of(conn: sqlite3.Connection, name: str) -> int | None:
 def gallery_counts(conn: sqlite3.Connection, gallery_id: int) -> tuple[int, int, int]:
     """(identities, identities with samples, samples)."""
     ident, live, samples = conn.execute(
-        "SELECT COUNT(*), COALESCE(SUM(sample_count > 0), 0), COALESCE(SUM(sample_count), 0) "
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN sample_count > 0 THEN 1 ELSE 0 END), 0), "
+        "COALESCE(SUM(sample_count), 0) "
         "FROM identities WHERE gallery_id = ?",
         (gallery_id,),
     ).fetchone()
@@ -511,11 +602,12 @@ def insert_identity(
     metadata: dict[str, str],
     created_at: float | None = None,
 ) -> int:
-    cur = conn.execute(
-        "INSERT INTO identities (gallery_id, name, metadata, created_at) VALUES (?, ?, ?, ?)",
+    rows = conn.execute(
+        "INSERT INTO identities (gallery_id, name, metadata, created_at) VALUES (?, ?, ?, ?) "
+        "RETURNING identity_id",
         (gallery_id, name, json.dumps(metadata), created_at or time.time()),
-    )
-    return cur.lastrowid
+    ).fetchall()
+    return rows[0][0]
 
 
 def set_identity_metadata(conn: sqlite3.Connection, identity_id: int, metadata: dict) -> None:
@@ -526,7 +618,7 @@ def set_identity_metadata(conn: sqlite3.Connection, identity_id: int, metadata: 
 
 
 def insert_samples(
-    conn: sqlite3.Connection,
+    conn: Any,
     gallery_id: int,
     identity_id: int,
     vectors: np.ndarray,
@@ -535,69 +627,73 @@ def insert_samples(
     """Inserts unit float32 vectors; returns their sample ids (increasing)."""
     now = time.time()
     blobs = np.ascontiguousarray(vectors, dtype="<f4")
-    first = _next_id(conn, "samples")
+    ids = reserve_ids(conn, "samples", len(blobs))
     conn.executemany(
-        "INSERT INTO samples (identity_id, gallery_id, vector, norm, created_at) "
-        "VALUES (?, ?, ?, ?, ?)",
-        (
-            (identity_id, gallery_id, b.tobytes(), float(n), now)
-            for b, n in zip(blobs, norms, strict=True)
-        ),
+        "INSERT INTO samples (sample_id, identity_id, gallery_id, vector, norm, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            (int(sid), identity_id, gallery_id, b.tobytes(), float(n), now)
+            for sid, b, n in zip(ids, blobs, norms, strict=True)
+        ],
     )
     conn.execute(
         "UPDATE identities SET sample_count = sample_count + ? WHERE identity_id = ?",
         (len(blobs), identity_id),
     )
-    return _assigned(conn, "samples", first, len(blobs))
+    return ids
 
 
-def _next_id(conn: sqlite3.Connection, table: str) -> int:
+def reserve_ids(conn: Any, table: str, count: int) -> np.ndarray:
+    """`count` new increasing row ids for `table` (inside the write transaction, which no
+    other writer shares: SQLite's write lock, PostgreSQL's advisory lock)."""
+    reserve = getattr(conn, "reserve_ids", None)
+    if reserve is not None:  # PostgreSQL: the table's sequence
+        return reserve(table, count)
     row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
-    return (row[0] if row else 0) + 1
-
-
-def _assigned(conn: sqlite3.Connection, table: str, first: int, count: int) -> np.ndarray:
-    # AUTOINCREMENT ids are consecutive within the single writer's transaction; verify
-    # rather than trust it, since the index keys rows by these ids.
-    if count and _next_id(conn, table) != first + count:
-        raise Internal(f"{table}: ids were not assigned consecutively")
+    first = (row[0] if row else 0) + 1
     return np.arange(first, first + count, dtype=np.int64)
 
 
 def bulk_insert(
-    conn: sqlite3.Connection, gallery_id: int, identities: list
+    conn: Any, gallery_id: int, identities: list
 ) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Inserts identities (TransferIdentity) with their unit vectors in id order.
 
     Returns (identity ids, sample ids, sample identity ids, vectors [N, dim], names).
     """
     now = time.time()
-    first = _next_id(conn, "identities")
+    ident_ids = reserve_ids(conn, "identities", len(identities))
     conn.executemany(
-        "INSERT INTO identities (gallery_id, name, metadata, sample_count, created_at) "
-        "VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO identities (identity_id, gallery_id, name, metadata, sample_count, "
+        "created_at) VALUES (?, ?, ?, ?, ?, ?)",
         (
-            (gallery_id, i.name, json.dumps(i.metadata), len(i.vectors), i.created_at or now)
-            for i in identities
+            (
+                int(iid),
+                gallery_id,
+                i.name,
+                json.dumps(i.metadata),
+                len(i.vectors),
+                i.created_at or now,
+            )
+            for iid, i in zip(ident_ids, identities, strict=True)
         ),
     )
-    ident_ids = _assigned(conn, "identities", first, len(identities))
     counts = np.asarray([len(i.vectors) for i in identities], np.int64)
     labels = np.repeat(ident_ids, counts)
+    sample_ids = reserve_ids(conn, "samples", int(counts.sum()))
 
     def rows():
+        sids = iter(sample_ids.tolist())
         for iid, ident in zip(ident_ids.tolist(), identities, strict=True):
             blobs = np.ascontiguousarray(ident.vectors, dtype="<f4")
             for b, n in zip(blobs, ident.norms.tolist(), strict=True):
-                yield iid, gallery_id, b.tobytes(), float(n), now
+                yield next(sids), iid, gallery_id, b.tobytes(), float(n), now
 
-    first_sample = _next_id(conn, "samples")
     conn.executemany(
-        "INSERT INTO samples (identity_id, gallery_id, vector, norm, created_at) "
-        "VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO samples (sample_id, identity_id, gallery_id, vector, norm, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
         rows(),
     )
-    sample_ids = _assigned(conn, "samples", first_sample, int(counts.sum()))
     dim = identities[0].vectors.shape[1] if identities else 0
     vectors = (
         np.concatenate([i.vectors for i in identities]).astype(np.float32)
@@ -692,11 +788,13 @@ def iter_sample_blocks(
     conn: sqlite3.Connection, gallery_id: int, dim: int, block: int = 65536
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(sample ids, identity ids, vectors [m, dim] float32) in sample-id order, blockwise."""
-    cur = conn.execute(
-        "SELECT sample_id, identity_id, vector FROM samples WHERE gallery_id = ? "
-        "ORDER BY sample_id",
-        (gallery_id,),
+    sql = (
+        "SELECT sample_id, identity_id, vector FROM samples WHERE gallery_id = ? ORDER BY sample_id"
     )
+    # PostgreSQL: a server-side cursor in binary format (no hex-escaped vectors, bounded
+    # memory); SQLite: a plain cursor.
+    stream = getattr(conn, "stream_binary", None)
+    cur = stream(sql, (gallery_id,)) if stream else conn.execute(sql, (gallery_id,))
     while rows := cur.fetchmany(block):
         ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
         owners = np.fromiter((r[1] for r in rows), np.int64, len(rows))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import sqlite3
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -53,6 +55,7 @@ def export_stream(header: dict, identities: Iterable[TransferIdentity]) -> Itera
     out = io.BytesIO()
     out.write(MAGIC)
     out.write(_line(header))
+    digest = hashlib.sha256()  # of every byte before the end record
     count = samples = 0
     for ident in identities:
         out.write(
@@ -77,9 +80,13 @@ def export_stream(header: dict, identities: Iterable[TransferIdentity]) -> Itera
         count += 1
         samples += len(ident.vectors)
         if out.tell() >= CHUNK_BYTES:
-            yield out.getvalue()
+            chunk = out.getvalue()
+            digest.update(chunk)
+            yield chunk
             out = io.BytesIO()
-    out.write(_line({"end": True, "identities": count, "samples": samples}))
+    digest.update(out.getvalue())
+    end = {"end": True, "identities": count, "samples": samples, "sha256": digest.hexdigest()}
+    out.write(_line(end))
     yield out.getvalue()
 
 
@@ -135,6 +142,7 @@ def parse_native(data: bytes | bytearray | memoryview) -> TransferGallery:
                     f"identities / {record.get('samples')} samples, file holds "
                     f"{len(gallery.identities)} / {gallery.sample_count}"
                 )
+            _check_digest(view[:start], record.get("sha256"), start)
             break
         try:
             name = str(record["identity"])
@@ -155,6 +163,19 @@ def parse_native(data: bytes | bytearray | memoryview) -> TransferGallery:
     if pos != len(view):
         raise InvalidArgument(f"import: {len(view) - pos} unexpected bytes after the end record")
     return gallery
+
+
+def _check_digest(content: memoryview, declared: object, where: int) -> None:
+    """The end record's sha256 covers every byte before it. Files from servers that wrote
+    no digest (counts only) are still accepted; a digest that does not match is not."""
+    if declared is None:
+        return
+    actual = hashlib.sha256(content).hexdigest()
+    if declared != actual:
+        raise InvalidArgument(
+            f"import: end record at byte {where} declares sha256 {str(declared)[:64]!r}, the "
+            f"file's content has {actual}: the file was altered or damaged"
+        )
 
 
 def _find_newline(view: memoryview, pos: int) -> int:
@@ -180,6 +201,7 @@ def parse_seed_pth(data: bytes | bytearray, name: str, model_checksum: str) -> T
     """The AdaFace seed's torch.save({'features': [N,D], 'labels': [N]}) (+ optional 'norms')."""
     import torch  # the server has torch; only this import path needs it
 
+    _check_whole_zip(data)
     try:
         obj = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -209,6 +231,20 @@ def parse_seed_pth(data: bytes | bytearray, name: str, model_checksum: str) -> T
         for label, rows in groups.items()
     ]
     return TransferGallery(name, model_checksum, "", features.shape[1], {}, identities)
+
+
+def _check_whole_zip(data: bytes | bytearray) -> None:
+    """torch.save writes a zip: it must be complete (central directory present) and every
+    member, the pickle included, must match its CRC, or nothing is imported."""
+    if bytes(data[:4]) != b"PK\x03\x04":
+        return  # the legacy (pre-zip) format: torch.load itself fails on a truncated file
+    try:
+        with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise InvalidArgument(f"import: gallery.pth is not a complete zip archive: {exc}") from None
+    if damaged is not None:
+        raise InvalidArgument(f"import: gallery.pth member {damaged!r} is damaged (CRC mismatch)")
 
 
 def _as_array(value: object, what: str) -> np.ndarray:

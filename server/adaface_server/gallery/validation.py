@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import re
+import unicodedata
 
 import numpy as np
 
@@ -25,6 +26,10 @@ MAX_SAMPLE_ID = 2**63 - 1
 _F32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32
 _F32_MAX = float(np.finfo(np.float32).max)
 SCORINGS = ("max", "mean")
+# Marks, embeddings, overrides and isolates that reorder how text is displayed.
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
 MODES = ("create", "append", "upsert")
 FORMATS = ("native", "seed_pth")
 
@@ -48,10 +53,19 @@ def check_name(name: str, field_name: str) -> None:
 
 
 def check_identity(identity: str, field_name: str) -> None:
+    """1..256 characters, none of them a control character (NUL, newline, DEL, C1) or a
+    bidirectional formatting one (U+202E and kin), which make ids print as something else in
+    logs, exports and other people's tools."""
     if not 1 <= len(identity) <= MAX_IDENTITY_CHARS:
         raise InvalidArgument(
             f"{field_name}: must be 1..{MAX_IDENTITY_CHARS} characters, got {len(identity)}"
         )
+    for position, char in enumerate(identity):
+        if unicodedata.category(char) == "Cc" or char in _BIDI_CONTROLS:
+            raise InvalidArgument(
+                f"{field_name}: character U+{ord(char):04X} at position {position} is a "
+                "control or bidirectional formatting character, not allowed in identity ids"
+            )
 
 
 def check_metadata(metadata: dict[str, str], field_name: str) -> None:

@@ -86,6 +86,10 @@ DEFAULT_ARCH = "ir_50"
 DEFAULT_REPOSITORY = Path("model_repository")
 DEFAULT_MAX_BATCH_SIZE = 32
 TOLERANCE = 1e-5
+PRECISIONS = ("fp32", "bf16", "fp16")
+#: Reduced-precision exports must keep this close to the fp32 eager model (verification batch).
+REDUCED_MIN_COSINE = 0.999
+REDUCED_MAX_REL_NORM_ERROR = 1e-2
 WEIGHTS_CHECKPOINT = "checkpoint"
 WEIGHTS_RANDOM = "random-untrained"
 PREPROCESSING = {
@@ -120,6 +124,8 @@ class ExportReport:
     max_rel_norm_diff: float
     untrained: bool
     seconds: float
+    precision: str = "fp32"
+    min_cosine: float = 1.0
 
 
 class _ChannelsLast(nn.Module):
@@ -131,6 +137,26 @@ class _ChannelsLast(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.backbone(x.contiguous(memory_format=torch.channels_last))
+
+
+class _ReducedPrecision(nn.Module):
+    """Runs the backbone in bf16/fp16 behind the fp32 contract: casts the fp32 input down,
+    and computes the norm and the unit embedding from fp32 features (a bf16 norm alone would
+    cost ~4e-3 relative error)."""
+
+    def __init__(self, backbone: nn.Module, dtype: torch.dtype, channels_last: bool) -> None:
+        super().__init__()
+        self.backbone = backbone.to(dtype)
+        self.dtype = dtype
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        b = self.backbone
+        features = b.output_layer(b.body(b.input_layer(x.to(self.dtype)))).float()
+        norm = torch.norm(features, 2, 1, True)
+        return torch.div(features, norm), norm
 
 
 def default_model_name(arch: str) -> str:
@@ -192,14 +218,25 @@ def quiet_torchscript_deprecation() -> Iterator[None]:
 
 
 def trace_backbone(
-    model: nn.Module, optimization: str = "freeze", channels_last: bool = True
+    model: nn.Module,
+    optimization: str = "freeze",
+    channels_last: bool = True,
+    precision: str = "fp32",
 ) -> torch.jit.ScriptModule:
-    """TorchScript for model (eval, no grad); channels_last converts model in place."""
+    """TorchScript for model (eval, no grad); channels_last and precision convert model in
+    place. Inputs and outputs stay float32 for every precision."""
     if optimization not in OPTIMIZATIONS:
         raise ValueError(f"unknown optimization {optimization!r}; valid: {OPTIMIZATIONS}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {PRECISIONS}")
     module: nn.Module = model.eval()
     if channels_last:
-        module = _ChannelsLast(model.to(memory_format=torch.channels_last)).eval()
+        model = model.to(memory_format=torch.channels_last)
+    if precision != "fp32":
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        module = _ReducedPrecision(model, dtype, channels_last).eval()
+    elif channels_last:
+        module = _ChannelsLast(model).eval()
     example = verification_batch(2)
     with torch.no_grad(), quiet_torchscript_deprecation():
         # Batch 2 keeps the trace free of batch-1 special cases; the graph is batch-agnostic.
@@ -207,6 +244,13 @@ def trace_backbone(
         if optimization == "freeze":
             traced = torch.jit.freeze(traced.eval())
     return traced
+
+
+def min_cosine(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Smallest cosine between matching rows (embeddings are unit vectors already)."""
+    ref, cand = reference.double(), candidate.double()
+    cos = (ref * cand).sum(1) / (ref.norm(dim=1) * cand.norm(dim=1)).clamp_min(1e-12)
+    return float(cos.min().item())
 
 
 def compare_outputs(
@@ -239,8 +283,14 @@ def export_model(
     channels_last: bool = True,
     max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
     tolerance: float = TOLERANCE,
+    precision: str = "fp32",
+    reduced_min_cosine: float = REDUCED_MIN_COSINE,
 ) -> ExportReport:
-    """Export arch (weights from checkpoint, or random when None) into repository/name."""
+    """Export arch (weights from checkpoint, or random when None) into repository/name.
+
+    precision bf16/fp16 writes a reduced-precision model (float32 in and out), verified by
+    min cosine >= REDUCED_MIN_COSINE and max relative norm error <= REDUCED_MAX_REL_NORM_ERROR
+    against the fp32 eager model instead of fp32's max abs `tolerance`."""
     started = time.perf_counter()
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; valid names: {', '.join(ARCHS)}")
@@ -252,6 +302,8 @@ def export_model(
         raise ValueError(
             f"unknown optimization {optimization!r}; valid: {', '.join(OPTIMIZATIONS)}"
         )
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     config_text = render_config(name, max_batch_size, instance_count, max_queue_delay_us)
 
     checkpoint_path = Path(checkpoint) if checkpoint is not None else None
@@ -271,7 +323,7 @@ def export_model(
     with torch.inference_mode():
         reference = eager(batch)
     # trace_backbone converts the module in place; keep the eager copy pristine for comparing.
-    scripted = trace_backbone(build_copy(eager, arch), optimization, channels_last)
+    scripted = trace_backbone(build_copy(eager, arch), optimization, channels_last, precision)
 
     repository = Path(repository)
     model_dir = repository / name / str(version)
@@ -295,22 +347,34 @@ def export_model(
         with quiet_torchscript_deprecation():
             loaded = torch.jit.load(str(tmp_model), map_location="cpu").eval()
         with torch.inference_mode():
-            abs_diff, rel_diff = compare_outputs(reference, loaded(batch))
+            output = loaded(batch)
+            abs_diff, rel_diff = compare_outputs(reference, output)
             single_abs, single_rel = compare_outputs(
                 (reference[0][:1], reference[1][:1]), loaded(batch[:1])
             )
+            cosine = min(min_cosine(reference[0], output[0]), 1.0)
         abs_diff, rel_diff = max(abs_diff, single_abs), max(rel_diff, single_rel)
         log.info(
-            "TorchScript vs eager on %d inputs: max abs embedding diff %.3g, "
-            "max relative norm diff %.3g",
+            "TorchScript (%s) vs eager fp32 on %d inputs: max abs embedding diff %.3g, "
+            "min cosine %.6f, max relative norm diff %.3g",
+            precision,
             batch.shape[0],
             abs_diff,
+            cosine,
             rel_diff,
         )
-        if not (abs_diff <= tolerance and rel_diff <= tolerance):
+        if precision == "fp32" and not (abs_diff <= tolerance and rel_diff <= tolerance):
             raise ExportError(
                 f"exported {arch} does not reproduce the eager model: max abs embedding diff "
                 f"{abs_diff:.3g}, max relative norm diff {rel_diff:.3g} (tolerance {tolerance:g})"
+            )
+        if precision != "fp32" and not (
+            cosine >= reduced_min_cosine and rel_diff <= REDUCED_MAX_REL_NORM_ERROR
+        ):
+            raise ExportError(
+                f"exported {arch} in {precision} is too far from the fp32 eager model: min "
+                f"cosine {cosine:.6f} (need >= {reduced_min_cosine}), max relative norm diff "
+                f"{rel_diff:.3g} (need <= {REDUCED_MAX_REL_NORM_ERROR:g})"
             )
         model_sha = _sha256(tmp_model)
         os.replace(tmp_model, model_path)
@@ -335,8 +399,10 @@ def export_model(
         "model_sha256": model_sha,
         "optimization": optimization,
         "channels_last": channels_last,
+        "precision": precision,
         "max_abs_diff": abs_diff,
         "max_rel_norm_diff": rel_diff,
+        "min_cosine": cosine,
         "torch_version": torch.__version__,
         "exporter_version": EXPORTER_VERSION,
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -362,6 +428,8 @@ def export_model(
         max_rel_norm_diff=rel_diff,
         untrained=checkpoint_path is None,
         seconds=seconds,
+        precision=precision,
+        min_cosine=cosine,
     )
 
 
@@ -492,6 +560,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="none: plain trace; freeze: inline weights and fold conv+BN (default)",
     )
     parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="weights and compute inside the model (inputs and outputs stay float32): fp32 "
+        "(verified to 1e-5), bf16 or fp16 (verified: min cosine >= 0.999, relative norm "
+        "error <= 1e-2 vs fp32)",
+    )
+    parser.add_argument(
         "--if-missing",
         action="store_true",
         help="do nothing when the repository already holds this export (same arch, same "
@@ -537,6 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             optimization=args.optimization,
             channels_last=args.channels_last,
             max_queue_delay_us=args.max_queue_delay_us,
+            precision=args.precision,
         )
         if args.python_backend is not None:
             twin_dir = export_python_backend(
@@ -556,6 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"python twin:  {twin_dir}")
     print(f"max abs diff of embeddings (TorchScript vs eager): {report.max_abs_diff:.3g}")
     print(f"max rel diff of norms (TorchScript vs eager):      {report.max_rel_norm_diff:.3g}")
+    print(f"min cosine of embeddings ({args.precision} vs eager fp32): {report.min_cosine:.6f}")
     if report.untrained:
         print("WARNING: random untrained weights; embeddings are meaningless", file=sys.stderr)
     return 0

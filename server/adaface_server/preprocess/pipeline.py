@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass
 from enum import Enum
@@ -10,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from .align import AlignmentError, align_face, align_with
-from .decode import DecodeLimits, ImageRejected, decode_image, raw_image
+from .decode import DecodeLimits, ImageRejected, decode_image, decode_reduced, raw_image
 from .detect import MTCNN, DetectParams, Face, Selection
 
 CROP_SIZE = 112
@@ -41,9 +42,12 @@ def load_pixels(item: ImageItem, limits: DecodeLimits) -> np.ndarray:
 
 def face_crop(item: ImageItem, limits: DecodeLimits) -> np.ndarray:
     """Returns the 112x112x3 RGB uint8 crop for ALIGNED / LANDMARKS items."""
-    pixels = load_pixels(item, limits)
     if item.mode is AlignMode.ALIGNED:
-        h, w = pixels.shape[:2]
+        # The size comes from the header (or the raw dimensions): nothing else is decoded.
+        if item.encoded is not None:
+            return decode_image(item.encoded, limits, exact_size=(CROP_SIZE, CROP_SIZE))
+        assert item.raw is not None
+        h, w = item.raw[:2]
         if (h, w) != (CROP_SIZE, CROP_SIZE):
             raise ImageRejected(
                 "NOT_ALIGNED",
@@ -51,7 +55,8 @@ def face_crop(item: ImageItem, limits: DecodeLimits) -> np.ndarray:
                 "alignment=detect (the default) for photos, or a "
                 f"{CROP_SIZE}x{CROP_SIZE} crop (or 5 landmarks)",
             )
-        return pixels
+        return raw_image(*item.raw, limits)
+    pixels = load_pixels(item, limits)
     if item.mode is AlignMode.LANDMARKS:
         try:
             return align_face(pixels, item.landmarks)
@@ -81,9 +86,15 @@ def detect_crops(
     item: ImageItem, limits: DecodeLimits, detector: MTCNN, params: DetectParams
 ) -> list[FaceCrop]:
     """Detects, selects and aligns faces; ImageRejected(NO_FACE) when none is usable."""
-    pixels = load_pixels(item, limits)
-    height, width = pixels.shape[:2]
-    faces = select_faces(detector.detect(pixels, params), params.selection)
+    factor = 1.0
+    if item.encoded is not None:
+        # Large JPEGs decode at reduced scale: detection runs at detector.max_side anyway.
+        pixels, factor = decode_reduced(item.encoded, limits, detector.max_side)
+    else:
+        pixels = load_pixels(item, limits)
+    height, width = (round(n * factor) for n in pixels.shape[:2])
+    reduced = dataclasses.replace(params, min_face_size=params.min_face_size / factor)
+    faces = select_faces(detector.detect(pixels, reduced), params.selection)
     if not faces:
         raise ImageRejected(
             "NO_FACE",
@@ -93,12 +104,21 @@ def detect_crops(
     out = []
     for face in faces:
         try:
-            # Warped from the full-resolution pixels, even when detection ran downscaled.
-            out.append(FaceCrop(face, align_with(pixels, face.landmarks, params.align_method)))
+            # Warped from the decoded pixels: full resolution, or for a large JPEG at least
+            # max_side on the long side, finer than the downscaled copy detection ran on.
+            crop = align_with(pixels, face.landmarks, params.align_method)
+            out.append(FaceCrop(_scaled(face, factor), crop))
         except AlignmentError as exc:
             if len(faces) == 1:
                 raise ImageRejected("ALIGNMENT_FAILED", f"detected face: {exc}") from None
     return out
+
+
+def _scaled(face: Face, factor: float) -> Face:
+    """The face in the original image's coordinates, from those of a reduced decode."""
+    if factor == 1.0:
+        return face
+    return Face(box=face.box * factor, score=face.score, landmarks=face.landmarks * factor)
 
 
 def png_bytes(crop: np.ndarray) -> bytes:

@@ -9,13 +9,14 @@ float32 [N,k]), most similar first, never the row itself, ties lowest index firs
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
-from .knn import _tidy, unit_rows
+from .knn import Stopped, _tidy, unit_rows
 
 METHODS = ("flat", "ivf")
-QUERY_CHUNK = 65536
+QUERY_CHUNK = 8192
 
 
 def available() -> bool:
@@ -43,6 +44,7 @@ def knn_faiss(
     method: str = "flat",
     nprobe: int = 16,
     seed: int = 0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The `k` most cosine-similar other rows of every row of `x` [N,D], with faiss.
 
@@ -51,6 +53,8 @@ def knn_faiss(
     per list (10 iterations), searching `nprobe` lists per query; its recall against the
     exact result is what `bench/bench_sampling.py` measures. Rows for which the approximate
     search found fewer than k others are completed by an exact search.
+
+    `should_stop` is asked before each chunk of queries; when it says so, Stopped is raised.
     """
     import faiss
 
@@ -80,6 +84,8 @@ def knn_faiss(
     sims = np.empty((n, k + 1), np.float32)
     found = np.empty((n, k + 1), np.int64)
     for start in range(0, n, QUERY_CHUNK):
+        if should_stop is not None and should_stop():
+            raise Stopped(f"kNN stopped at query row {start} of {n}")
         stop = min(start + QUERY_CHUNK, n)
         sims[start:stop], found[start:stop] = index.search(unit[start:stop], k + 1)
     # Drop each row itself (normally first; not always among exact duplicates).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,15 +50,29 @@ def resolve(settings: Settings) -> KnnMethod:
     return KnnMethod(method, device, label)
 
 
-def neighbours(x: np.ndarray, k: int, chosen: KnnMethod, settings: Settings) -> np.ndarray:
-    """[N, k] int64: each prototype's k nearest others (cosine), nearest first."""
+def neighbours(
+    x: np.ndarray,
+    k: int,
+    chosen: KnnMethod,
+    settings: Settings,
+    should_stop: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """[N, k] int64: each prototype's k nearest others (cosine), nearest first. `should_stop`
+    is asked between tiles (or query chunks); when it says so, knn.Stopped is raised."""
     if chosen.method == "faiss-flat":
-        return knn_faiss.knn_faiss(x, k, method="flat")[0]
+        return knn_faiss.knn_faiss(x, k, method="flat", should_stop=should_stop)[0]
     if chosen.method == "faiss-ivf":
-        return knn_faiss.knn_faiss(x, k, method="ivf", nprobe=settings.sampling_knn_nprobe)[0]
+        return knn_faiss.knn_faiss(
+            x, k, method="ivf", nprobe=settings.sampling_knn_nprobe, should_stop=should_stop
+        )[0]
     block = settings.sampling_knn_block
     if chosen.device != "cpu":
         block = max(block, GPU_MIN_BLOCK)
-    return knn(x, k, block=block, precision=settings.sampling_knn_precision, device=chosen.device)[
-        0
-    ]
+    return knn(
+        x,
+        k,
+        block=block,
+        precision=settings.sampling_knn_precision,
+        device=chosen.device,
+        should_stop=should_stop,
+    )[0]

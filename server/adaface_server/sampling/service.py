@@ -6,8 +6,9 @@ import array
 import asyncio
 import contextlib
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from ..embedding import EmbeddingService
 from ..errors import InvalidArgument, ResourceExhausted
 from ..preprocess.pipeline import ImageItem
 from .index import EpochPlan, plan_epoch
+from .knn import Stopped
 from .neighbours import neighbours, resolve
 
 log = logging.getLogger(__name__)
@@ -181,6 +183,7 @@ class SamplingService:
         )
         self._running = 0
         self.knn = resolve(settings)
+        self._stops: set[threading.Event] = set()  # one per computation in the pool
 
     @contextlib.contextmanager
     def build_slot(self) -> Iterator[None]:
@@ -210,10 +213,35 @@ class SamplingService:
         await loop.run_in_executor(self._workers, table.check)
         image_vectors = await images.finish()
         model = self.embedding.info().model_name if table.images else ""
-        plan = await loop.run_in_executor(self._workers, self._plan, table, image_vectors)
+        plan = await self._until_stopped(self._plan, table, image_vectors)
         return EpochIndex(plan, self.knn.label, model)
 
-    def _plan(self, table: PrototypeTable, image_vectors: np.ndarray | None) -> EpochPlan:
+    async def _until_stopped(self, work: Callable, *args: object) -> EpochPlan:
+        """Runs `work(*args, should_stop)` in the pool. When the caller is cancelled (it
+        left, its deadline passed, the server is stopping), the work is told to stop and
+        awaited until it has: the build slot stays taken until the computation really ends."""
+        stop = threading.Event()
+        self._stops.add(stop)
+        future = asyncio.get_running_loop().run_in_executor(self._workers, work, *args, stop.is_set)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            stop.set()
+            while not future.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([future])
+            if not future.cancelled():
+                future.exception()  # Stopped (or an error) nobody is left to receive
+            raise
+        finally:
+            self._stops.discard(stop)
+
+    def _plan(
+        self,
+        table: PrototypeTable,
+        image_vectors: np.ndarray | None,
+        should_stop: Callable[[], bool],
+    ) -> EpochPlan:
         started = time.perf_counter()
         n, opts = len(table), table.options
         prototypes = np.empty((n, table.dim), dtype=np.float32)
@@ -221,7 +249,20 @@ class SamplingService:
             prototypes[np.frombuffer(table.vector_rows, dtype=np.int64)] = table.vectors()
         if table.images:
             prototypes[[i for i, _ in table.images]] = image_vectors
-        graph = neighbours(prototypes, opts.identities_per_batch - 1, self.knn, self.settings)
+        log.info("sampling: kNN over %d identities started", n)
+        try:
+            graph = neighbours(
+                prototypes,
+                opts.identities_per_batch - 1,
+                self.knn,
+                self.settings,
+                should_stop=should_stop,
+            )
+            if should_stop():
+                raise Stopped("stopped before planning")
+        except Stopped as exc:
+            log.info("sampling: build of %d identities stopped, its caller is gone (%s)", n, exc)
+            raise
         knn_s = time.perf_counter() - started
         plan = plan_epoch(
             graph,
@@ -269,6 +310,8 @@ class SamplingService:
             yield cursors[start : start + step].tobytes()
 
     def close(self) -> None:
+        for stop in list(self._stops):
+            stop.set()  # a computation still running ends at its next tile
         self._workers.shutdown(wait=False, cancel_futures=True)
 
 

@@ -95,8 +95,14 @@ class HttpServer:
             shutdown_timeout=self._settings.grace_seconds,
         )
         await self._runner.setup()
+        # Pre-forked workers (--workers) share the HTTP port as they share the gRPC one; a
+        # plain server keeps refusing a port that is taken.
         site = web.TCPSite(
-            self._runner, host, port, ssl_context=self._ssl_context(), reuse_port=False
+            self._runner,
+            host,
+            port,
+            ssl_context=self._ssl_context(),
+            reuse_port=self._settings.reuse_port,
         )
         try:
             await site.start()

@@ -1,0 +1,150 @@
+"""Precision and worker processes: raw runtimes and served throughput, measured in one run.
+
+Rows:
+- raw runtimes at one batch size (interleaved rounds, median): the exported TorchScript in
+  fp32, the same file under torch.autocast bf16 (what the server runs for bf16), and a
+  bf16 export (`adaface-export --precision bf16`); min cosine and max relative norm error
+  against fp32 on the exporter's verification batch;
+- a real server subprocess at --precision fp32 and bf16 (4 clients x 8 aligned JPEG crops
+  per call), and served bf16 / fastest raw bf16;
+- --workers 1 (all cores as intra-op threads) vs --workers 2 (cores / 2 each), at the
+  precision `auto` picks.
+
+Usage: python bench/bench_hardware.py [--arch ir_50] [--seconds 6] [--rounds 3]
+Figures are only comparable within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_server import drive, free_port, jpeg_crops, wait_serving
+
+from adaface_server.backends.precision import ModelRunner, cpu_supports_bf16, parity
+from adaface_server.models.export import export_model, verification_batch
+
+
+def raw_rows(repo: Path, names: dict[str, str], batch: int, threads: int, seconds: float,
+             rounds: int) -> list[tuple[str, float, float, float]]:  # fmt: skip
+    """(runtime, median img/s, min cosine vs fp32, max rel norm error) per runtime."""
+    torch.set_num_threads(threads)
+    cpu = torch.device("cpu")
+
+    def load(name: str) -> torch.jit.ScriptModule:
+        return torch.jit.load(str(repo / name / "1" / "model.pt"), map_location=cpu).eval()
+
+    runners = {
+        "TorchScript fp32": ModelRunner(load(names["fp32"]), cpu, "fp32", batch),
+        "TorchScript fp32 file under autocast bf16 (server bf16)": ModelRunner(
+            load(names["fp32"]), cpu, "bf16", batch
+        ),
+        "bf16 export (adaface-export --precision bf16)": ModelRunner(
+            load(names["bf16"]), cpu, "fp32", batch
+        ),
+    }
+    check = verification_batch(8).numpy()
+    x = np.ascontiguousarray(np.resize(check, (batch, 3, 112, 112)))
+    reference = runners["TorchScript fp32"](check)
+    quality = {}
+    for label, run in runners.items():
+        for _ in range(2):
+            run(x)
+        quality[label] = parity(reference, run(check))
+    rates: dict[str, list[float]] = {label: [] for label in runners}
+    for _ in range(rounds):
+        for label, run in runners.items():
+            calls, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds / rounds:
+                run(x)
+                calls += 1
+            rates[label].append(calls * batch / (time.perf_counter() - started))
+    return [(label, statistics.median(rates[label]), *quality[label]) for label in runners]
+
+
+def start_server(repo: Path, name: str, port: int, batch: int, *flags: str) -> subprocess.Popen:
+    env = {**os.environ, "ADAFACE_LOG_LEVEL": "WARNING", "ADAFACE_METRICS_PORT": "-1"}
+    env["ADAFACE_GALLERY_PATH"] = str(repo / f"galleries-{port}.sqlite3")
+    env["ADAFACE_DETECTOR"] = "none"
+    return subprocess.Popen(
+        [sys.executable, "-m", "adaface_server", "--host", "127.0.0.1", "--port", str(port),
+         "--model-repository", str(repo), "--model", name, "--max-batch-size", str(batch),
+         "--max-queue", "4096", *flags],
+        env=env,
+    )  # fmt: skip
+
+
+def served(repo: Path, name: str, batch: int, seconds: float, *flags: str) -> float:
+    port = free_port()
+    server = start_server(repo, name, port, batch, *flags)
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_serving(address, timeout=600)
+        row = asyncio.run(drive(address, 4, 8, seconds, jpeg_crops(64)))
+    finally:
+        server.terminate()
+        server.wait(60)
+    return row.images_per_s
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="ir_50")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    cores = len(os.sched_getaffinity(0))
+    batch = args.batch_size
+    print(f"{args.arch}, batch {batch}, {cores} cores, native bf16: {cpu_supports_bf16()}")
+    with tempfile.TemporaryDirectory(prefix="bench_hardware_") as tmp:
+        repo = Path(tmp)
+        names = {p: f"bench_{p}" for p in ("fp32", "bf16")}
+        for precision, name in names.items():
+            export_model(None, args.arch, repo, name, max_batch_size=batch, precision=precision)
+        raw = raw_rows(repo, names, batch, cores, args.seconds, args.rounds)
+        fp32_raw = raw[0][1]
+        print("\n## Raw runtimes (img/s, median of interleaved rounds)\n")
+        print("| runtime | img/s | / fp32 | min cosine vs fp32 | max rel norm error |")
+        print("|---|---:|---:|---:|---:|")
+        for label, rate, cos, rel in raw:
+            print(f"| {label} | {rate:.1f} | {rate / fp32_raw:.2f} | {cos:.6f} | {rel:.1e} |")
+
+        threads = str(cores)
+        fp32 = served(repo, names["fp32"], batch, args.seconds, "--precision", "fp32",
+                      "--threads", threads)  # fmt: skip
+        bf16 = served(repo, names["fp32"], batch, args.seconds, "--precision", "bf16",
+                      "--threads", threads)  # fmt: skip
+        best_bf16_raw = max(rate for label, rate, *_ in raw[1:])
+        print("\n## Served (4 clients x 8 aligned 112x112 JPEG crops per call)\n")
+        print("| server | img/s | / served fp32 | / fastest raw bf16 |")
+        print("|---|---:|---:|---:|")
+        print(f"| --precision fp32 | {fp32:.1f} | 1.00 | {fp32 / best_bf16_raw:.2f} |")
+        print(f"| --precision bf16 | {bf16:.1f} | {bf16 / fp32:.2f} | {bf16 / best_bf16_raw:.2f} |")
+
+        one = served(repo, names["fp32"], batch, args.seconds, "--workers", "1",
+                     "--threads", threads)  # fmt: skip
+        two = served(repo, names["fp32"], batch, args.seconds, "--workers", "2")
+        print("\n## Workers (precision auto; 4 clients x 8 crops per call)\n")
+        print("| workers | intra-op threads each | img/s | / 1 worker |")
+        print("|---|---:|---:|---:|")
+        print(f"| 1 | {cores} | {one:.1f} | 1.00 |")
+        print(f"| 2 | {max(1, cores // 2)} | {two:.1f} | {two / one:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Container test fixtures: podman, the server image built offline, a readable model repository.
+
+These tests build and run real images, so they are collected only by `make test-containers`
+(which installs podman and sets ADAFACE_CONTAINER_TESTS=1), never by the plain `make test`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ..integration.triton_harness import find_tritonserver
+from .podman import (
+    DOCKERFILE,
+    ROOT,
+    SERVER_IMAGE,
+    Podman,
+    debian_packages,
+    dockerfile_base,
+    wheelhouse,
+    which_all,
+)
+from .stack import TRITON_TEST_IMAGE
+
+if os.environ.get("ADAFACE_CONTAINER_TESTS") != "1":
+    collect_ignore_glob = ["test_*.py"]
+
+
+@pytest.fixture(scope="session")
+def podman() -> Podman:
+    missing = which_all("podman", "debootstrap")
+    if missing:
+        pytest.fail(f"{missing} not installed: run `make test-containers` (it installs them)")
+    return Podman()
+
+
+@pytest.fixture(scope="session")
+def server_image(podman: Podman) -> str:
+    """docker/Dockerfile built with --network none on a local base tagged as its FROM."""
+    podman.ensure_base(dockerfile_base())
+    podman.build(SERVER_IMAGE, DOCKERFILE, ROOT, wheelhouse=wheelhouse())
+    return SERVER_IMAGE
+
+
+def published(repository: Path, dest: Path) -> Path:
+    """A copy of a model repository with the modes a checkout has (dirs 755, files 644), so
+    the image's unprivileged user can read it through a read-only bind mount."""
+    shutil.copytree(repository, dest)
+    for path in [dest, *dest.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    dest.parent.chmod(0o755)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def model_repository(ir18_repository, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The session's exported ir_18 test model, readable by the container user."""
+    repository, name = ir18_repository
+    return published(repository, tmp_path_factory.mktemp("published") / "models"), name
+
+
+@pytest.fixture(scope="session")
+def triton_image(podman: Podman, server_image: str, tmp_path_factory) -> str:
+    """The CPU Triton test image: nvidia-pytriton's tritonserver on top of the server image."""
+    install = find_tritonserver()  # also puts the 3.11 stub next to the python backend
+    context = tmp_path_factory.mktemp("triton_context")
+    server_dir = install.binary.parent.parent
+    shutil.copytree(
+        server_dir,
+        context / "tritonserver",
+        symlinks=True,
+        ignore=shutil.ignore_patterns("__pycache__", "caches"),
+    )
+    shutil.copytree(server_dir.parent.parent / "nvidia_pytriton.libs", context / "lib")
+    shutil.copytree(debian_packages(["libpython3.11"]), context / "debs")
+    dockerfile = Path(__file__).parent / "triton" / "Dockerfile"
+    podman.build(TRITON_TEST_IMAGE, dockerfile, context, build_args={"BASE": server_image})
+    return TRITON_TEST_IMAGE

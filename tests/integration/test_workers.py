@@ -1,0 +1,183 @@
+"""`--workers 2`: a supervising parent and two real server processes sharing one gRPC port
+(SO_REUSEPORT), restart of a killed worker, SIGTERM drain, aggregated /metrics.
+
+Independent of galleries: until galleries are shared through a store several processes can
+open, only one process may hold a gallery file, so each run gets its own throw-away file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from adaface.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc
+
+from .gallery_support import REPO, crop, free_port, png, wait_serving
+
+
+class Workers:
+    """`python -m adaface_server --workers 2` as a child process."""
+
+    def __init__(self, repository: Path, model: str, tmp_path: Path) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = tmp_path / "supervisor.log"
+        command = [
+            sys.executable, "-m", "adaface_server", "--workers", "2",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--model-repository", str(repository), "--model", model,
+            "--threads", "1", "--precision", "fp32", "--detector", "none",
+            "--gallery-path", str(tmp_path / "g.db"), "--metrics-port", "0",
+            "--metrics-host", "127.0.0.1", "--log-format", "text", "--grace-seconds", "10",
+        ]  # fmt: skip
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def worker_pids(self) -> list[int]:
+        return [int(p) for p in re.findall(r"worker \d started: pid (\d+)", self.text())]
+
+    def metrics_port(self) -> int:
+        match = re.search(r"metrics of 2 workers on http://127.0.0.1:(\d+)/metrics", self.text())
+        assert match, self.text()
+        return int(match.group(1))
+
+    def answering_pids(self, calls: int = 200) -> set[int]:
+        """Worker pids seen over `calls` Info calls, each on a fresh connection."""
+        seen = set()
+        for _ in range(calls):
+            with grpc.insecure_channel(self.address) as channel:
+                reply = embedder_pb2_grpc.EmbedderStub(channel).Info(
+                    embedder_pb2.InfoRequest(), timeout=30
+                )
+            seen.add(reply.worker_pid)
+            if len(seen) == 2:
+                break
+        return seen
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        for pid in self.worker_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def workers(ir18_repository, tmp_path):
+    repository, model = ir18_repository
+    group = Workers(repository, model, tmp_path)
+    try:
+        wait_serving(group.address, group.proc, group.log, timeout=300)
+        yield group
+    finally:
+        group.stop()
+
+
+def health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        request = health_pb2.HealthCheckRequest()
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
+
+
+def info_count(metrics: str) -> float:
+    """Sum of adaface_requests_total for Embedder/Info answered OK (samples of every worker)."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("adaface_requests_total{") and all(
+            label in line for label in ('method="Embedder/Info"', 'code="OK"')
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_two_workers_share_the_port_and_metrics_add_up(workers):
+    pids = workers.worker_pids()
+    assert len(pids) == 2
+    seen = workers.answering_pids()
+    assert seen == set(pids), (seen, pids)
+    # Both workers' counters are aggregated on the parent's one /metrics port.
+    url = f"http://127.0.0.1:{workers.metrics_port()}/metrics"
+    before = info_count(urllib.request.urlopen(url, timeout=10).read().decode())
+    for _ in range(10):
+        workers.answering_pids(calls=1)
+    after = info_count(urllib.request.urlopen(url, timeout=10).read().decode())
+    assert after - before == 10
+    assert before >= 2  # the calls above reached both workers, each counted once
+    # Scrape-time gauges of both workers are summed too (each worker publishes its own).
+    scraped = urllib.request.urlopen(url, timeout=10).read().decode()
+    for gauge in ("adaface_requests_in_flight", "adaface_queue_depth"):
+        values = [line for line in scraped.splitlines() if line.startswith(gauge + " ")]
+        assert values == [f"{gauge} 0.0"], scraped
+
+
+def test_a_killed_worker_is_restarted(workers):
+    first, second = workers.worker_pids()
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    while len(workers.worker_pids()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(workers.worker_pids()) == 3, workers.text()
+    assert f"(pid {first}) exited with status -9" in workers.text()
+    replacement = workers.worker_pids()[2]
+    wait_serving(workers.address, workers.proc, workers.log, timeout=300)
+    assert workers.answering_pids() == {second, replacement}
+
+
+def test_sigterm_drains_both_workers(workers):
+    pids = workers.worker_pids()
+    request = embedder_pb2.EmbedRequest(
+        images=[
+            common_pb2.ImageInput(encoded=png(crop(i)), alignment=common_pb2.ALIGNMENT_ALIGNED)
+            for i in range(16)
+        ]
+    )
+    channel = grpc.insecure_channel(workers.address)
+    try:
+        future = embedder_pb2_grpc.EmbedderStub(channel).Embed.future(request, timeout=120)
+        time.sleep(0.3)  # the call is in flight
+        workers.proc.send_signal(signal.SIGTERM)
+        response = future.result()  # drained, not cut off
+        assert len(response.results) == 16 and all(r.embedding.vector for r in response.results)
+    finally:
+        channel.close()
+    assert workers.proc.wait(120) == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    text = workers.text()
+    assert "shutting down 2 workers" in text and "all workers stopped" in text
+    assert text.count("shutting down: finishing in-flight requests") == 2
+
+
+def test_workers_refuse_a_port_a_plain_server_holds(ir18_repository, tmp_path):
+    repository, model = ir18_repository
+    with socket.socket() as held:  # a plain, non-sharing listener
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "adaface_server", "--workers", "2", "--host", "127.0.0.1",
+             "--port", str(port), "--model-repository", str(repository), "--model", model,
+             "--metrics-port", "-1", "--gallery-path", str(tmp_path / "g.db")],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr

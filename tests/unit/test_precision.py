@@ -1,0 +1,83 @@
+"""Device and precision resolution, the parity measure and the `auto` decision rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adaface_server.backends import precision
+from adaface_server.backends.precision import GATE_MIN_COSINE, PrecisionError, Trial, choose
+from adaface_server.config import parse_settings
+
+FP32 = Trial("fp32", 1.0, 0.0, 0.100)
+
+
+def test_auto_takes_a_faster_reduced_precision_that_passes():
+    assert choose("auto", [FP32, Trial("bf16", 0.99990, 3e-3, 0.050)]) == "bf16"
+
+
+def test_auto_falls_back_to_fp32_when_the_gate_fails():
+    assert choose("auto", [FP32, Trial("bf16", GATE_MIN_COSINE - 1e-4, 3e-3, 0.050)]) == "fp32"
+
+
+def test_auto_keeps_fp32_when_reduced_precision_is_not_clearly_faster():
+    # e.g. autocast bf16 on a CPU without native bf16 kernels
+    assert choose("auto", [FP32, Trial("bf16", 0.99999, 1e-3, 0.095)]) == "fp32"
+
+
+def test_auto_picks_the_fastest_passing_precision():
+    trials = [FP32, Trial("fp16", 0.999999, 1e-4, 0.030), Trial("bf16", 0.9999, 2e-3, 0.020)]
+    assert choose("auto", trials) == "bf16"
+    trials[2] = Trial("bf16", 0.9990, 2e-3, 0.020)  # fastest, but fails the gate
+    assert choose("auto", trials) == "fp16"
+
+
+def test_explicit_reduced_precision_must_pass_the_gate():
+    assert choose("bf16", [FP32, Trial("bf16", 0.9999, 3e-3, 0.2)]) == "bf16"
+    with pytest.raises(PrecisionError, match=r"bf16 failed the parity gate: min cosine"):
+        choose("bf16", [FP32, Trial("bf16", 0.99, 3e-3, 0.05)])
+
+
+def test_parity_measures_cosine_and_relative_norm_error():
+    emb = np.eye(2, 4, dtype=np.float32)
+    tilted = np.array([[1, 0.1, 0, 0], [0, 1, 0, 0]], dtype=np.float32)
+    tilted /= np.linalg.norm(tilted, axis=1, keepdims=True)
+    cos, rel = precision.parity((emb, np.array([[2.0], [4.0]])), (tilted, np.array([[2.0], [4.2]])))
+    assert cos == pytest.approx(1 / np.sqrt(1.01), rel=1e-6)
+    assert rel == pytest.approx(0.05, rel=1e-6)
+
+
+def test_cpu_device_and_unsupported_requests():
+    assert precision.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(PrecisionError, match="fp16 needs a CUDA device"):
+        precision.check_supported(torch.device("cpu"), "fp16")
+    expected = ["bf16"] if precision.cpu_supports_bf16() else []
+    assert precision.reduced_precisions(torch.device("cpu")) == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+def test_auto_device_is_cpu_without_cuda_and_cuda_is_refused():
+    assert precision.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(PrecisionError, match="no CUDA device"):
+        precision.resolve_device("cuda:0")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_device_is_cuda_when_present():
+    assert precision.resolve_device("auto").type == "cuda"
+    assert precision.reduced_precisions(torch.device("cuda"))[0] == "fp16"
+    with pytest.raises(PrecisionError, match="CUDA device"):
+        precision.resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_settings_accept_and_refuse_devices_and_precisions(capsys):
+    settings = parse_settings(["--device", "cuda:1", "--precision", "bf16"], env={})
+    assert (settings.device, settings.precision) == ("cuda:1", "bf16")
+    defaults = parse_settings([], env={"ADAFACE_PRECISION": "fp32"})
+    assert (defaults.device, defaults.precision) == ("auto", "fp32")
+    for argv in (["--device", "gpu"], ["--device", "cuda:x"], ["--precision", "int8"]):
+        with pytest.raises(SystemExit):
+            parse_settings(argv, env={})
+    assert "--precision must be auto, fp32, bf16 or fp16, got 'int8'" in capsys.readouterr().err

@@ -1,0 +1,87 @@
+"""The native export file ends with a record counting identities and samples and carrying a
+sha256 of everything before it; gallery.pth zips must be whole. Anything else is refused."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from adaface_server.errors import InvalidArgument
+from adaface_server.gallery.transfer import (
+    TransferIdentity,
+    export_stream,
+    parse_native,
+    parse_seed_pth,
+)
+
+HEADER = {"name": "g", "model_checksum": "a" * 64, "model_name": "m", "dim": 4, "metadata": {}}
+
+
+def exported() -> bytes:
+    rng = np.random.default_rng(0)
+    people = [
+        TransferIdentity(f"p{i}", {}, 0.0, rng.standard_normal((2, 4)).astype(np.float32),
+                         np.ones(2, np.float32), [2 * i, 2 * i + 1], [0.0, 0.0])
+        for i in range(3)
+    ]  # fmt: skip
+    return b"".join(export_stream(HEADER, people))
+
+
+def test_the_end_record_counts_and_digests_the_file() -> None:
+    data = exported()
+    end = json.loads(data[data.rindex(b'{"end":') :])
+    assert end["end"] is True and end["identities"] == 3 and end["samples"] == 6
+    assert len(end["sha256"]) == 64
+    assert [i.name for i in parse_native(data).identities] == ["p0", "p1", "p2"]
+
+
+def test_an_altered_vector_is_refused_by_the_digest() -> None:
+    data = bytearray(exported())
+    at = data.index(b'"p1"')
+    at = data.index(b"\n", at) + 5  # inside p1's vectors
+    data[at] ^= 0x01
+    with pytest.raises(InvalidArgument, match="sha256") as err:
+        parse_native(bytes(data))
+    assert "altered or damaged" in str(err.value)
+
+
+def test_a_file_without_its_end_record_is_refused() -> None:
+    data = exported()
+    cut = data[: data.rindex(b'{"end":')]
+    with pytest.raises(InvalidArgument, match="no end record"):
+        parse_native(cut)
+
+
+def test_files_from_servers_without_a_digest_still_import() -> None:
+    data = exported()
+    at = data.rindex(b'{"end":')
+    record = json.loads(data[at:])
+    del record["sha256"]
+    old = data[:at] + json.dumps(record).encode() + b"\n"
+    assert len(parse_native(old).identities) == 3
+
+
+def seed_file() -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"features": torch.randn(6, 4), "labels": torch.arange(6) % 3}, buffer)
+    return buffer.getvalue()
+
+
+def test_a_truncated_gallery_pth_is_refused() -> None:
+    data = seed_file()
+    assert len(parse_seed_pth(data, "g", "a" * 64).identities) == 3
+    for cut in (len(data) - 1, len(data) - 30, len(data) // 2):
+        with pytest.raises(InvalidArgument, match=r"gallery\.pth"):
+            parse_seed_pth(data[:cut], "g", "a" * 64)
+
+
+def test_a_damaged_pickle_in_a_gallery_pth_is_refused() -> None:
+    data = bytearray(seed_file())
+    at = data.index(b"data.pkl") + 40  # inside the stored pickle, past its local header
+    data[at] ^= 0x01
+    with pytest.raises(InvalidArgument, match=r"gallery\.pth"):
+        parse_seed_pth(bytes(data), "g", "a" * 64)
