@@ -38,6 +38,7 @@ from adaface_client.gallery import (
     ProbeResult,
     VerifyResult,
 )
+from adaface_client.manifest import ManifestMismatch
 from adaface_client.transport import read_token_file, tls_credentials, use_request_id
 from adaface_client.utils import fuse_features_with_norm, l2_norm
 
@@ -64,6 +65,7 @@ __all__ = [
     "ImageResult",
     "Internal",
     "InvalidArgument",
+    "ManifestMismatch",
     "Match",
     "NotFound",
     "PermissionDenied",

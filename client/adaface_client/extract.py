@@ -10,7 +10,13 @@ Files next to ``out`` (a path ending in ``.npy``):
 - ``out.norms.npy``: norms [N, 1] float32 (AdaFace's quality signal);
 - ``out.rows.npy``: uint8 [N], 1 where the row is written (a rerun skips those), 2 where
   the image failed and ``on_error="nan"`` left it NaN;
-- ``out.shard-R-of-W.done``: JSON marker, written atomically once rank R finished.
+- ``out.shard-R-of-W.done``: JSON marker, written atomically once rank R finished;
+- ``out.manifest.json`` and ``out.inputs.npy``: what the file holds (the ordered inputs'
+  identity, the model checksum, alignment and options; see adaface_client.manifest),
+  written before any row. A run whose manifest differs is refused (ManifestMismatch), or
+  starts over with ``overwrite=True``; every rank checks it, and ``gather`` refuses done
+  markers written for another manifest;
+- ``out.lock``: serialises the manifest check between ranks (flock).
 
 A row is marked only after its features are flushed, so a crash at any point loses at most
 the rows in flight. The files must live on a filesystem every rank can memory-map (a local
@@ -21,6 +27,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -45,8 +53,14 @@ from adaface_client.client import (
     Unavailable,
     _backoff_delay,
 )
+from adaface_client.manifest import (
+    ManifestMismatch,
+    build_manifest,
+    compare_manifest,
+    row_fingerprints,
+)
 
-__all__ = ["ExtractionError", "Extractor", "GatherTimeout", "shard_env"]
+__all__ = ["ExtractionError", "Extractor", "GatherTimeout", "ManifestMismatch", "shard_env"]
 
 PENDING, DONE, FAILED = 0, 1, 2
 _TRANSIENT = (Unavailable, ResourceExhausted, DeadlineExceeded)
@@ -92,6 +106,59 @@ def _companions(out: Path) -> tuple[Path, Path]:
 
 def _marker(out: Path, rank: int, world_size: int) -> Path:
     return out.with_name(f"{out.name}.shard-{rank}-of-{world_size}.done")
+
+
+def _manifest_paths(out: Path) -> tuple[Path, Path]:
+    return out.with_name(out.name + ".manifest.json"), out.with_name(out.name + ".inputs.npy")
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """An exclusive flock on ``out.lock``: one process checks or resets the files at a time."""
+    with open(out.with_name(out.name + ".lock"), "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _discard(out: Path) -> None:
+    for path in (out, *_companions(out), *_manifest_paths(out)):
+        path.unlink(missing_ok=True)
+    for marker in out.parent.glob(f"{out.name}.shard-*-of-*.done"):
+        marker.unlink(missing_ok=True)
+
+
+def _claim(out: Path, manifest: dict[str, Any], rows: np.ndarray, overwrite: bool) -> None:
+    """Makes `out`'s manifest `manifest`: checks an existing one (refusing a mismatch unless
+    `overwrite`, which discards the old files), or writes it before any data file exists."""
+    manifest_path, inputs_path = _manifest_paths(out)
+    if manifest_path.exists():
+        stored = np.load(inputs_path) if inputs_path.exists() else None
+        try:
+            compare_manifest(manifest_path, manifest, rows, stored)
+            return
+        except ManifestMismatch:
+            if not overwrite:
+                raise
+        _discard(out)
+    elif any(p.exists() for p in (out, *_companions(out))):
+        if not overwrite:
+            raise ManifestMismatch(
+                f"{out} exists without a manifest ({manifest_path.name}), so what its rows "
+                "hold is unknown: pass overwrite=True to discard them, or write to another file"
+            )
+        _discard(out)
+    tmp = inputs_path.with_name(f".{inputs_path.name}.{uuid.uuid4().hex}.tmp.npy")
+    np.save(tmp, rows.astype("<u8"))
+    os.replace(tmp, inputs_path)
+    # The manifest goes last: once it exists, the inputs file beside it is complete.
+    _write_atomic(manifest_path, json.dumps(manifest, indent=1))
 
 
 def _open_or_create(path: Path, shape: tuple[int, ...], dtype: str, fill: float) -> np.memmap:
@@ -205,6 +272,7 @@ class Extractor:
         rank: int | None = None,
         world_size: int | None = None,
         indices: Sequence[int] | np.ndarray | None = None,
+        overwrite: bool = False,
     ) -> Any:
         """Embeds `images` (paths, encoded bytes, PIL images, HxWx3 uint8 arrays).
 
@@ -221,13 +289,18 @@ class Extractor:
 
         `on_error`: "raise" (ExtractionError after writing every other row) or "nan"
         (failed rows stay NaN and count as done).
+
+        With `out`, the file's manifest (inputs, model, options) must match this run, else
+        ManifestMismatch names what differs; `overwrite=True` discards the old rows instead.
+        Every rank of a sharded run checks it.
         """
         if on_error not in ("raise", "nan"):
             raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
         if landmarks is not None and len(landmarks) != len(images):
             raise ValueError(f"{len(landmarks)} landmarks for {len(images)} images")
         n = len(images)
-        dim = self.client.info().embedding_dim
+        info = self.client.info()
+        dim = info.embedding_dim
         sharded = sharded or rank is not None or world_size is not None or indices is not None
         if sharded:
             if out is None:
@@ -246,9 +319,21 @@ class Extractor:
         else:
             out = Path(out)
             norms_path, rows_path = _companions(out)
-            features = _open_or_create(out, (n, dim), "<f4", np.nan)
-            norms = _open_or_create(norms_path, (n, 1), "<f4", np.nan)
-            state = _open_or_create(rows_path, (n,), "u1", 0)
+            fingerprints = row_fingerprints(images)
+            manifest = build_manifest(
+                fingerprints,
+                dim=dim,
+                model=info.model_name,
+                model_checksum=info.model_checksum,
+                alignment=alignment,
+                landmarks=landmarks,
+                flip=self.flip,
+            )
+            with _locked(out):
+                _claim(out, manifest, fingerprints, overwrite)
+                features = _open_or_create(out, (n, dim), "<f4", np.nan)
+                norms = _open_or_create(norms_path, (n, 1), "<f4", np.nan)
+                state = _open_or_create(rows_path, (n,), "u1", 0)
         todo = rows_wanted[state[rows_wanted] != DONE]
         errors = self._run(images, todo, landmarks, alignment, features, norms, state, on_error)
         if isinstance(features, np.memmap):
@@ -263,6 +348,7 @@ class Extractor:
                 "rows": int(rows_wanted.size),
                 "n": n,
                 "dim": dim,
+                "manifest": _manifest_digest(manifest),
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "time": time.time(),
@@ -406,6 +492,15 @@ def gather(
             f"gather {out}: shard markers describe datasets of {sorted(sizes)} rows but the "
             f"file holds {features.shape[0]}: stale markers from another run?"
         )
+    manifest_path, _ = _manifest_paths(out)
+    if manifest_path.exists():
+        digest = _manifest_digest(json.loads(manifest_path.read_text()))
+        stale = [r for r, m in enumerate(markers) if m.get("manifest") != digest]
+        if stale:
+            raise ValueError(
+                f"gather {out}: the done markers of ranks {stale} were written for another "
+                f"extraction than {manifest_path.name} describes: rerun those ranks"
+            )
     norms_path, rows_path = _companions(out)
     state = np.load(rows_path, mmap_mode="r")
     pending = np.flatnonzero(state == PENDING)

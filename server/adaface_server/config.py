@@ -182,6 +182,21 @@ class Settings:
         default="fp32",
         metadata={"help": "kNN similarities: fp32 (exact) or bf16 (~3x faster, recall ~0.98)"},
     )
+    sampling_knn_method: str = field(
+        default="auto",
+        metadata={
+            "help": "kNN of BuildEpoch: tiles (torch, exact in fp32), faiss-flat (exact), "
+            "faiss-ivf (approximate), or auto: tiles on a GPU, else faiss-flat when faiss "
+            "is installed, else tiles"
+        },
+    )
+    sampling_knn_device: str = field(
+        default="auto",
+        metadata={"help": "device of the tiled kNN: cpu, cuda, or auto (cuda when available)"},
+    )
+    sampling_knn_nprobe: int = field(
+        default=16, metadata={"help": "faiss-ivf: inverted lists searched per identity"}
+    )
 
     gallery_path: Path = field(
         default=Path("~/.local/share/adaface-serving/galleries.sqlite3"),
@@ -345,12 +360,22 @@ def validate(s: Settings) -> list[str]:
         "sampling_max_identities",
         "sampling_max_builds",
         "sampling_knn_block",
+        "sampling_knn_nprobe",
     ):
         if getattr(s, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
     if s.sampling_knn_precision not in ("fp32", "bf16"):
         problems.append(
             f"--sampling-knn-precision must be fp32 or bf16, got {s.sampling_knn_precision!r}"
+        )
+    if s.sampling_knn_method not in ("auto", "tiles", "faiss-flat", "faiss-ivf"):
+        problems.append(
+            "--sampling-knn-method must be auto, tiles, faiss-flat or faiss-ivf, got "
+            f"{s.sampling_knn_method!r}"
+        )
+    if s.sampling_knn_device not in ("auto", "cpu", "cuda"):
+        problems.append(
+            f"--sampling-knn-device must be auto, cpu or cuda, got {s.sampling_knn_device!r}"
         )
     if s.detector not in ("mtcnn", "none"):
         problems.append(f"--detector must be mtcnn or none, got {s.detector!r}")

@@ -200,7 +200,7 @@ def test_token_accepted_on_every_client_and_call_kind(auth_server) -> None:
     dataset = [("a.png", "ann"), ("b.png", "ann"), ("c.png", "ben"), ("d.png", "ben")]
     sampler = GraphSampler(
         dataset,
-        address,
+        server=address,
         batch_size=2,
         num_instance=1,
         features=lambda rows: unit_vectors(len(rows), 4),

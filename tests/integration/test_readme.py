@@ -48,6 +48,9 @@ NOT_RUN = {
         "no cluster on CI; the manifests are validated offline against the schemas"
     ),
     "needs Docker": "no Docker engine on CI; tests/unit/test_docker_files.py checks the files",
+    "needs a Ray cluster, a manifest and object storage": (
+        "tests/integration/test_ray_extract.py runs both calls on a local Ray"
+    ),
     # Installing would replace the editable install of the venv the tests run in.
     "installs packages; tests/integration/test_client_package.py installs the wheel into a "
     "fresh venv": "tested there, in a venv of its own",

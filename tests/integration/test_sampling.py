@@ -320,7 +320,7 @@ class Faces(torch.utils.data.Dataset):
 def test_graph_sampler_in_a_dataloader(embed_server, image_dataset):
     root, items = image_dataset
     sampler = GraphSampler(
-        items, embed_server.address, batch_size=8, num_instance=2, img_path=root, seed=5
+        items, root, batch_size=8, num_instance=2, server=embed_server.address, seed=5
     )
     loader = torch.utils.data.DataLoader(Faces(items), batch_size=8, sampler=sampler)
     assert len(sampler) == 10 * 8
@@ -344,7 +344,7 @@ def test_graph_sampler_in_a_dataloader(embed_server, image_dataset):
 
     # Reproducible: a fresh sampler with the same seed yields the same epochs.
     again = GraphSampler(
-        items, embed_server.address, batch_size=8, num_instance=2, img_path=root, seed=5
+        items, root, batch_size=8, num_instance=2, server=embed_server.address, seed=5
     )
     assert [list(again), list(again)] == epochs
 
@@ -359,7 +359,7 @@ def test_graph_sampler_with_training_model_features(embed_server, image_dataset)
         return table[indices]
 
     sampler = GraphSampler(
-        items, embed_server.address, batch_size=6, num_instance=3, features=features
+        items, batch_size=6, num_instance=3, server=embed_server.address, features=features
     )
     sampler.set_epoch(3)
     order = list(sampler)
@@ -372,6 +372,6 @@ def test_graph_sampler_with_training_model_features(embed_server, image_dataset)
 def test_graph_sampler_argument_checks(embed_server, image_dataset):
     _, items = image_dataset
     with pytest.raises(ValueError, match="batch_size 10 must be a positive multiple"):
-        GraphSampler(items, embed_server.address, batch_size=10, num_instance=4)
+        GraphSampler(items, batch_size=10, num_instance=4, server=embed_server.address)
     with pytest.raises(ValueError, match=r"need at least P = .* = 16 identities, got 10"):
-        GraphSampler(items, embed_server.address, batch_size=64, num_instance=4)
+        GraphSampler(items, batch_size=64, num_instance=4, server=embed_server.address)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from adaface_server.sampling.index import plan_epoch, shuffled_order, stream_samples
 from adaface_server.sampling.knn import knn, knn_bruteforce
+from adaface_server.sampling.knn_faiss import knn_faiss
 
 
 def clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
@@ -215,3 +217,83 @@ def test_shuffles_are_uniform_permutations_keyed_by_seed_identity_and_cycle():
         shuffled_order(1, 7, 1, 50),
     ):
         assert not np.array_equal(base, other)
+
+
+# -- faiss and device paths ---------------------------------------------------------------
+
+
+def test_faiss_flat_equals_brute_force():
+    x = clustered(500, dim=64, seed=3)
+    got_idx, got_sims = knn_faiss(x, 12, method="flat")
+    want_idx, want_sims = knn_bruteforce(x, 12)
+    np.testing.assert_array_equal(got_idx, want_idx)
+    np.testing.assert_allclose(got_sims, want_sims, atol=1e-5)
+
+
+def test_faiss_ivf_is_approximate_with_high_recall():
+    x = clustered(3000, dim=64, seed=4)
+    want, _ = knn_bruteforce(x, 15)
+    got, sims = knn_faiss(x, 15, method="ivf", nprobe=16)
+    assert got.shape == (3000, 15) and np.isfinite(sims).all()
+    assert not (got == np.arange(3000)[:, None]).any()
+    recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(got, want, strict=True)])
+    assert recall > 0.9, recall
+    assert (np.diff(sims, axis=1) <= 0).all(), "most similar first"
+
+
+def test_faiss_argument_checks():
+    x = clustered(20)
+    with pytest.raises(ValueError, match="method must be one of"):
+        knn_faiss(x, 3, method="hnsw")
+    with pytest.raises(ValueError, match=r"k must be in 0\.\.N-1 = 19, got 20"):
+        knn_faiss(x, 20)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+        ),
+    ],
+)
+def test_tiles_on_a_device_equal_brute_force(device):
+    x = clustered(700, seed=5)
+    got_idx, got_sims = knn(x, 15, block=128, device=device)
+    want_idx, want_sims = knn_bruteforce(x, 15)
+    np.testing.assert_array_equal(got_idx, want_idx)
+    np.testing.assert_allclose(got_sims, want_sims, atol=1e-5)
+
+
+def test_knn_method_resolution(monkeypatch):
+    from adaface_server.config import Settings, validate
+    from adaface_server.sampling import neighbours
+
+    cpu = Settings(sampling_knn_device="cpu")
+    assert neighbours.resolve(cpu) == neighbours.KnnMethod("faiss-flat", "cpu", "fp32")
+    bf16 = Settings(sampling_knn_device="cpu", sampling_knn_precision="bf16")
+    assert neighbours.resolve(bf16) == neighbours.KnnMethod("tiles", "cpu", "bf16")
+    ivf = Settings(sampling_knn_device="cpu", sampling_knn_method="faiss-ivf")
+    assert neighbours.resolve(ivf).label == "ivf"
+    gpu = Settings(sampling_knn_device="cuda")
+    assert neighbours.resolve(gpu) == neighbours.KnnMethod("tiles", "cuda", "fp32")
+    monkeypatch.setattr(neighbours.knn_faiss, "available", lambda: False)
+    assert neighbours.resolve(cpu).method == "tiles"
+    with pytest.raises(ValueError, match="--sampling-knn-method faiss-ivf needs faiss"):
+        neighbours.resolve(ivf)
+    problems = validate(Settings(sampling_knn_method="hnsw", sampling_knn_device="tpu"))
+    assert any("--sampling-knn-method must be auto, tiles" in p for p in problems)
+    assert any("--sampling-knn-device must be auto, cpu or cuda" in p for p in problems)
+
+
+@pytest.mark.parametrize("method", ["tiles", "faiss-flat", "faiss-ivf"])
+def test_every_method_gives_the_exact_graph_on_small_data(method):
+    from adaface_server.config import Settings
+    from adaface_server.sampling import neighbours
+
+    settings = Settings(sampling_knn_device="cpu", sampling_knn_method=method)
+    x = clustered(60, seed=6)  # this small, IVF probes every list: exact
+    got = neighbours.neighbours(x, 5, neighbours.resolve(settings), settings)
+    np.testing.assert_array_equal(got, knn_bruteforce(x, 5)[0])

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from adaface.v1 import common_pb2 as adaface_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61\x64\x61\x66\x61\x63\x65/v1/sampling.proto\x12\nadaface.v1\x1a\x17\x61\x64\x61\x66\x61\x63\x65/v1/common.proto\"z\n\x0fSamplingOptions\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x14\n\x0cnum_instance\x18\x02 \x01(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\x13\n\x0b\x66lip_fusion\x18\x06 \x01(\x08\"\x8b\x01\n\x0eIdentityRecord\x12\x0b\n\x03pid\x18\x01 \x01(\t\x12\x14\n\x0csample_count\x18\x02 \x01(\r\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x04\x12\x10\n\x06vector\x18\x04 \x01(\x0cH\x00\x12\'\n\x05image\x18\x05 \x01(\x0b\x32\x16.adaface.v1.ImageInputH\x00\x42\x0b\n\tprototype\"q\n\x11\x42uildEpochRequest\x12,\n\x07options\x18\x01 \x01(\x0b\x32\x1b.adaface.v1.SamplingOptions\x12.\n\nidentities\x18\x02 \x03(\x0b\x32\x1a.adaface.v1.IdentityRecord\"\xcc\x01\n\x0b\x45pochHeader\x12\x16\n\x0enum_identities\x18\x01 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x13\n\x0bnum_batches\x18\x04 \x01(\x04\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x14\n\x0cnum_instance\x18\x06 \x01(\r\x12\x16\n\x0eposition_bytes\x18\x07 \x01(\r\x12\x15\n\rknn_precision\x18\x08 \x01(\t\x12\x12\n\nmodel_name\x18\t \x01(\t\"o\n\x12\x42uildEpochResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.adaface.v1.EpochHeaderH\x00\x12\x13\n\tpositions\x18\x02 \x01(\x0cH\x00\x12\x11\n\x07\x63ursors\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part2[\n\x08Sampling\x12O\n\nBuildEpoch\x12\x1d.adaface.v1.BuildEpochRequest\x1a\x1e.adaface.v1.BuildEpochResponse(\x01\x30\x01\x42|\n\x0e\x64\x65v.adaface.v1B\rSamplingProtoP\x01Z+adaface-serving/gen/go/adaface/v1;adafacev1\xa2\x02\x03\x41\x46X\xaa\x02\nAdaface.V1\xca\x02\nAdaface\\V1\xea\x02\x0b\x41\x64\x61\x66\x61\x63\x65::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61\x64\x61\x66\x61\x63\x65/v1/sampling.proto\x12\nadaface.v1\x1a\x17\x61\x64\x61\x66\x61\x63\x65/v1/common.proto\"\x97\x01\n\x0fSamplingOptions\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x14\n\x0cnum_instance\x18\x02 \x01(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\x13\n\x0b\x66lip_fusion\x18\x06 \x01(\x08\x12\x1b\n\x13\x66irst_pass_in_order\x18\x07 \x01(\x08\"\x8b\x01\n\x0eIdentityRecord\x12\x0b\n\x03pid\x18\x01 \x01(\t\x12\x14\n\x0csample_count\x18\x02 \x01(\r\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\x04\x12\x10\n\x06vector\x18\x04 \x01(\x0cH\x00\x12\'\n\x05image\x18\x05 \x01(\x0b\x32\x16.adaface.v1.ImageInputH\x00\x42\x0b\n\tprototype\"q\n\x11\x42uildEpochRequest\x12,\n\x07options\x18\x01 \x01(\x0b\x32\x1b.adaface.v1.SamplingOptions\x12.\n\nidentities\x18\x02 \x03(\x0b\x32\x1a.adaface.v1.IdentityRecord\"\xcc\x01\n\x0b\x45pochHeader\x12\x16\n\x0enum_identities\x18\x01 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x13\n\x0bnum_batches\x18\x04 \x01(\x04\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x14\n\x0cnum_instance\x18\x06 \x01(\r\x12\x16\n\x0eposition_bytes\x18\x07 \x01(\r\x12\x15\n\rknn_precision\x18\x08 \x01(\t\x12\x12\n\nmodel_name\x18\t \x01(\t\"o\n\x12\x42uildEpochResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.adaface.v1.EpochHeaderH\x00\x12\x13\n\tpositions\x18\x02 \x01(\x0cH\x00\x12\x11\n\x07\x63ursors\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part2[\n\x08Sampling\x12O\n\nBuildEpoch\x12\x1d.adaface.v1.BuildEpochRequest\x1a\x1e.adaface.v1.BuildEpochResponse(\x01\x30\x01\x42|\n\x0e\x64\x65v.adaface.v1B\rSamplingProtoP\x01Z+adaface-serving/gen/go/adaface/v1;adafacev1\xa2\x02\x03\x41\x46X\xaa\x02\nAdaface.V1\xca\x02\nAdaface\\V1\xea\x02\x0b\x41\x64\x61\x66\x61\x63\x65::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adaface.v1.sampling_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.adaface.v1B\rSamplingProtoP\001Z+adaface-serving/gen/go/adaface/v1;adafacev1\242\002\003AFX\252\002\nAdaface.V1\312\002\nAdaface\\V1\352\002\013Adaface::V1'
-  _globals['_SAMPLINGOPTIONS']._serialized_start=66
-  _globals['_SAMPLINGOPTIONS']._serialized_end=188
-  _globals['_IDENTITYRECORD']._serialized_start=191
-  _globals['_IDENTITYRECORD']._serialized_end=330
-  _globals['_BUILDEPOCHREQUEST']._serialized_start=332
-  _globals['_BUILDEPOCHREQUEST']._serialized_end=445
-  _globals['_EPOCHHEADER']._serialized_start=448
-  _globals['_EPOCHHEADER']._serialized_end=652
-  _globals['_BUILDEPOCHRESPONSE']._serialized_start=654
-  _globals['_BUILDEPOCHRESPONSE']._serialized_end=765
-  _globals['_SAMPLING']._serialized_start=767
-  _globals['_SAMPLING']._serialized_end=858
+  _globals['_SAMPLINGOPTIONS']._serialized_start=67
+  _globals['_SAMPLINGOPTIONS']._serialized_end=218
+  _globals['_IDENTITYRECORD']._serialized_start=221
+  _globals['_IDENTITYRECORD']._serialized_end=360
+  _globals['_BUILDEPOCHREQUEST']._serialized_start=362
+  _globals['_BUILDEPOCHREQUEST']._serialized_end=475
+  _globals['_EPOCHHEADER']._serialized_start=478
+  _globals['_EPOCHHEADER']._serialized_end=682
+  _globals['_BUILDEPOCHRESPONSE']._serialized_start=684
+  _globals['_BUILDEPOCHRESPONSE']._serialized_end=795
+  _globals['_SAMPLING']._serialized_start=797
+  _globals['_SAMPLING']._serialized_end=888
 # @@protoc_insertion_point(module_scope)

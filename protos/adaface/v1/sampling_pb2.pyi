@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SamplingOptions(_message.Message):
-    __slots__ = ("batch_size", "num_instance", "seed", "epoch", "dim", "flip_fusion")
+    __slots__ = ("batch_size", "num_instance", "seed", "epoch", "dim", "flip_fusion", "first_pass_in_order")
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     FLIP_FUSION_FIELD_NUMBER: _ClassVar[int]
+    FIRST_PASS_IN_ORDER_FIELD_NUMBER: _ClassVar[int]
     batch_size: int
     num_instance: int
     seed: int
     epoch: int
     dim: int
     flip_fusion: bool
-    def __init__(self, batch_size: _Optional[int] = ..., num_instance: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., dim: _Optional[int] = ..., flip_fusion: _Optional[bool] = ...) -> None: ...
+    first_pass_in_order: bool
+    def __init__(self, batch_size: _Optional[int] = ..., num_instance: _Optional[int] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., dim: _Optional[int] = ..., flip_fusion: _Optional[bool] = ..., first_pass_in_order: _Optional[bool] = ...) -> None: ...
 
 class IdentityRecord(_message.Message):
     __slots__ = ("pid", "sample_count", "cursor", "vector", "image")

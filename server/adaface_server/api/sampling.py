@@ -25,6 +25,7 @@ def _options(msg: sampling_pb2.SamplingOptions) -> SamplingOptions:
         epoch=msg.epoch,
         dim=msg.dim,
         flip=msg.flip_fusion,
+        first_pass_in_order=msg.first_pass_in_order,
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ def knn(
     *,
     block: int = 4096,
     precision: str = "fp32",
+    device: str | torch.device = "cpu",
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The `k` most cosine-similar other rows of every row of `x` [N,D].
@@ -49,6 +50,8 @@ def knn(
     N is. Each tile X_a X_b^T with a <= b serves both row blocks (the matrix is symmetric),
     halving the multiply work. Equal similarities come back lowest index first.
 
+    `device`: where the tiles are computed and the running top-k kept ("cuda" on a GPU
+    server: the same code, exact in fp32 as long as TF32 matmuls stay off, torch's default).
     `precision="bf16"` multiplies in bfloat16 (about 3x faster on AVX-512 CPUs, approximate:
     recall@15 about 0.98); "fp32" is exact up to float32 rounding.
 
@@ -67,23 +70,28 @@ def knn(
     if k == 0:
         return np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
 
-    unit = torch.from_numpy(unit_rows(x))
+    unit = torch.from_numpy(unit_rows(x)).to(device)
     mat = unit.bfloat16() if precision == "bf16" else unit
-    best = torch.full((n, k), -torch.inf, dtype=torch.float32)
-    best_idx = torch.full((n, k), -1, dtype=torch.int64)
+    best = torch.full((n, k), -torch.inf, dtype=torch.float32, device=unit.device)
+    best_idx = torch.full((n, k), -1, dtype=torch.int64, device=unit.device)
     with torch.inference_mode():
-        for a in range(0, n, block):
-            rows_a = mat[a : a + block]
-            for b in range(a, n, block):
-                if should_stop is not None and should_stop():
-                    raise Stopped(f"kNN stopped after row block {a} of {n}")
-                tile = (rows_a @ mat[b : b + block].T).float()
-                if a == b:
-                    tile.fill_diagonal_(-torch.inf)
-                _merge(best, best_idx, a, tile, b)
-                if a != b:
-                    _merge(best, best_idx, b, tile.T.contiguous(), a)
-    return _tidy(best.numpy(), best_idx.numpy())
+        for a, b in tile_pairs(n, block):
+            if should_stop is not None and should_stop():
+                raise Stopped(f"kNN stopped at row block {a} of {n}")
+            tile = (mat[a : a + block] @ mat[b : b + block].T).float()
+            if a == b:
+                tile.fill_diagonal_(-torch.inf)
+            _merge(best, best_idx, a, tile, b)
+            if a != b:
+                _merge(best, best_idx, b, tile.T.contiguous(), a)
+    return _tidy(best.cpu().numpy(), best_idx.cpu().numpy())
+
+
+def tile_pairs(n: int, block: int) -> Iterator[tuple[int, int]]:
+    """(a, b) row offsets of the upper-triangle tiles, row block by row block."""
+    for a in range(0, n, block):
+        for b in range(a, n, block):
+            yield a, b
 
 
 def _merge(

@@ -19,7 +19,8 @@ from ..embedding import EmbeddingService
 from ..errors import InvalidArgument, ResourceExhausted
 from ..preprocess.pipeline import ImageItem
 from .index import EpochPlan, plan_epoch
-from .knn import Stopped, knn
+from .knn import Stopped
+from .neighbours import neighbours, resolve
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class SamplingOptions:
     epoch: int = 0
     dim: int = 0  # vector prototype length; 0: inferred
     flip: bool = False
+    first_pass_in_order: bool = False  # stream starts in request order (the seed's)
 
     def validate(self) -> None:
         if self.num_instance < 1:
@@ -180,6 +182,7 @@ class SamplingService:
             max_workers=settings.sampling_max_builds, thread_name_prefix="sampling"
         )
         self._running = 0
+        self.knn = resolve(settings)
         self._stops: set[threading.Event] = set()  # one per computation in the pool
 
     @contextlib.contextmanager
@@ -211,7 +214,7 @@ class SamplingService:
         image_vectors = await images.finish()
         model = self.embedding.info().model_name if table.images else ""
         plan = await self._until_stopped(self._plan, table, image_vectors)
-        return EpochIndex(plan, self.settings.sampling_knn_precision, model)
+        return EpochIndex(plan, self.knn.label, model)
 
     async def _until_stopped(self, work: Callable, *args: object) -> EpochPlan:
         """Runs `work(*args, should_stop)` in the pool. When the caller is cancelled (it
@@ -227,6 +230,8 @@ class SamplingService:
             while not future.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait([future])
+            if not future.cancelled():
+                future.exception()  # Stopped (or an error) nobody is left to receive
             raise
         finally:
             self._stops.discard(stop)
@@ -246,34 +251,38 @@ class SamplingService:
             prototypes[[i for i, _ in table.images]] = image_vectors
         log.info("sampling: kNN over %d identities started", n)
         try:
-            neighbours, _ = knn(
+            graph = neighbours(
                 prototypes,
                 opts.identities_per_batch - 1,
-                block=self.settings.sampling_knn_block,
-                precision=self.settings.sampling_knn_precision,
+                self.knn,
+                self.settings,
                 should_stop=should_stop,
             )
+            if should_stop():
+                raise Stopped("stopped before planning")
         except Stopped as exc:
             log.info("sampling: build of %d identities stopped, its caller is gone (%s)", n, exc)
             raise
-        if should_stop():
-            raise Stopped("stopped before planning")
         knn_s = time.perf_counter() - started
         plan = plan_epoch(
-            neighbours,
+            graph,
             np.frombuffer(table.counts, dtype=np.int64),
             np.frombuffer(table.cursors, dtype=np.uint64),
             opts.num_instance,
             opts.seed,
             opts.epoch,
+            first_pass_in_order=opts.first_pass_in_order,
         )
         log.info(
-            "sampling: epoch %d of %d identities (%d samples), P=%d x %d: kNN %.2fs, plan %.2fs",
+            "sampling: epoch %d of %d identities (%d samples), P=%d x %d: kNN (%s on %s) %.2fs, "
+            "plan %.2fs",
             opts.epoch,
             n,
             plan.num_samples,
             opts.identities_per_batch,
             opts.num_instance,
+            self.knn.method,
+            self.knn.device,
             knn_s,
             time.perf_counter() - started - knn_s,
         )
