@@ -76,6 +76,7 @@ class ModelInfo:
     server_version: str
     untrained: bool
     weights: str
+    channel_order: str = "BGR"  # the model's input contract ("BGR" AdaFace, "RGB" arcface)
 
 
 class EmbeddingService:
@@ -184,6 +185,7 @@ class EmbeddingService:
             server_version=__version__,
             untrained=spec.untrained,
             weights=weights,
+            channel_order=spec.channel_order,
         )
 
     def _spec(self):
@@ -246,7 +248,7 @@ class EmbeddingService:
         if not rows:
             return outcomes
         batch = await asyncio.get_running_loop().run_in_executor(
-            self._preprocess, to_model_input, arrays, flip
+            self._preprocess, to_model_input, arrays, flip, self.backend.spec.channel_order
         )
         embeddings, norms = await self._infer(batch, group=2 if flip else 1)
         if flip:

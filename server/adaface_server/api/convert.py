@@ -203,6 +203,7 @@ def info_response(info: ModelInfo, settings) -> embedder_pb2.InfoResponse:
         server_version=info.server_version,
         untrained=info.untrained,
         weights=info.weights,
+        channel_order=info.channel_order,
         alignments=[common_pb2.ALIGNMENT_ALIGNED, common_pb2.ALIGNMENT_LANDMARKS]
         + ([common_pb2.ALIGNMENT_DETECT] if settings.detector != "none" else []),
     )
