@@ -238,3 +238,108 @@ def test_flip_fusion_fuses_rgb_views(stub, arcface_checkpoint):
     total = (views * view_norms).sum(axis=0)
     np.testing.assert_allclose(emb[0], total / np.linalg.norm(total), atol=1e-4, rtol=0)
     np.testing.assert_allclose(norms[0, 0], np.linalg.norm(total), rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- Triton
+
+
+def triton_metadata(name: str):
+    """What Triton's get_model_metadata returns for an exported model."""
+    from tritonclient.grpc import service_pb2
+
+    tensor = service_pb2.ModelMetadataResponse.TensorMetadata
+    return service_pb2.ModelMetadataResponse(
+        name=name,
+        versions=["1"],
+        inputs=[tensor(name="INPUT__0", datatype="FP32", shape=[-1, 3, 112, 112])],
+        outputs=[
+            tensor(name="OUTPUT__0", datatype="FP32", shape=[-1, 512]),
+            tensor(name="OUTPUT__1", datatype="FP32", shape=[-1, 1]),
+        ],
+    )
+
+
+def adopt(local_repository: Path, served_config_path: Path):
+    """The spec the Triton backend adopts for a served config, given a local repository."""
+    from adaface_server.backends.triton import TritonBackend
+
+    settings = server_settings(
+        local_repository, ARCFACE_NAME, backend="triton", triton_url="127.0.0.1:1"
+    )
+    config = text_format.Parse(served_config_path.read_text(), mc.ModelConfig())
+    return TritonBackend(settings)._adopt(triton_metadata(ARCFACE_NAME), config)
+
+
+def test_triton_takes_the_channel_order_from_the_served_config(tmp_path, arcface_repository):
+    served_config = arcface_repository / ARCFACE_NAME / "config.pbtxt"
+    assert adopt(arcface_repository, served_config).channel_order == "RGB"
+    # No local copy: Triton's config alone decides.
+    (tmp_path / "empty").mkdir()
+    assert adopt(tmp_path / "empty", served_config).channel_order == "RGB"
+    # A served config without the parameter (an older export) and no local copy: BGR.
+    legacy = tmp_path / "legacy.pbtxt"
+    config = text_format.Parse(served_config.read_text(), mc.ModelConfig())
+    del config.parameters["channel_order"]
+    legacy.write_text(text_format.MessageToString(config))
+    assert adopt(tmp_path / "empty", legacy).channel_order == "BGR"
+
+
+def test_triton_refuses_a_local_copy_with_another_channel_order(tmp_path, arcface_repository):
+    from adaface_server.errors import FailedPrecondition
+
+    root = copy_model(arcface_repository, ARCFACE_NAME, tmp_path / "local")
+    metadata = json.loads((root / "1/metadata.json").read_text())
+    metadata["input"]["channel_order"] = "BGR"
+    (root / "1/metadata.json").write_text(json.dumps(metadata))
+    (root / "config.pbtxt").write_text(
+        (root / "config.pbtxt").read_text().replace('"RGB"', '"BGR"')
+    )
+    served_config = arcface_repository / ARCFACE_NAME / "config.pbtxt"
+    with pytest.raises(FailedPrecondition, match="channel_order is 'RGB' but the local"):
+        adopt(tmp_path / "local", served_config)
+
+
+@pytest.fixture(scope="module")
+def arcface_triton_server(arcface_repository, tmp_path_factory):
+    """The arcface model served by a real tritonserver (python-backend twin) behind the server."""
+    from adaface_server.models.export import export_python_backend
+
+    from .triton_harness import TritonProcess, TritonUnavailable, find_tritonserver
+
+    try:
+        install = find_tritonserver()
+    except TritonUnavailable as exc:
+        pytest.skip(f"no tritonserver binary: {exc}")
+    twin = tmp_path_factory.mktemp("arcface_triton_repository")
+    export_python_backend(arcface_repository, ARCFACE_NAME, twin, threads=1)
+    log_path = tmp_path_factory.mktemp("arcface_triton_logs") / "tritonserver.log"
+    triton = TritonProcess(twin, log_path, install).start()
+    try:
+        settings = server_settings(
+            arcface_repository, ARCFACE_NAME, backend="triton", triton_url=triton.url
+        )
+        server = ServerThread(settings).start()
+        try:
+            server.wait_serving()
+            yield server
+        finally:
+            server.stop()
+    finally:
+        triton.stop()
+
+
+def test_triton_path_feeds_rgb(arcface_triton_server, arcface_checkpoint):
+    channel = grpc.insecure_channel(arcface_triton_server.address)
+    try:
+        stub = embedder_pb2_grpc.EmbedderStub(channel)
+        info = stub.Info(embedder_pb2.InfoRequest())
+        assert (info.backend, info.channel_order) == ("triton", "RGB")
+        crops = [colour_crop(s) for s in range(2)]
+        emb, norms = served(stub, crops)
+    finally:
+        channel.close()
+    want_emb, want_norms = eager(arcface_checkpoint, crops, "RGB")
+    np.testing.assert_allclose(emb, want_emb, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(norms, want_norms, rtol=1e-4)
+    bgr_emb, _ = eager(arcface_checkpoint, crops, "BGR")
+    assert np.abs(emb - bgr_emb).max() > 1e-2
