@@ -343,3 +343,39 @@ def test_triton_path_feeds_rgb(arcface_triton_server, arcface_checkpoint):
     np.testing.assert_allclose(norms, want_norms, rtol=1e-4)
     bgr_emb, _ = eager(arcface_checkpoint, crops, "BGR")
     assert np.abs(emb - bgr_emb).max() > 1e-2
+
+
+# --------------------------------------------------------------------------- galleries
+
+
+def test_a_gallery_filled_by_the_rgb_model_refuses_a_bgr_model(
+    tmp_path, arcface_repository, ir18_repository
+):
+    """The gallery pin (the model file's sha256) covers the channel order: an AdaFace (BGR)
+    server sharing the store cannot add its embeddings to a gallery an arcface (RGB) filled."""
+    from adaface.v1 import gallery_pb2, gallery_pb2_grpc
+
+    store = tmp_path / "galleries.db"
+    sample = gallery_pb2.GallerySample(image=common_pb2.ImageInput(encoded=png(colour_crop(1))))
+    checksums = []
+    for repository, name in ((arcface_repository, ARCFACE_NAME), ir18_repository):
+        server = ServerThread(server_settings(repository, name, gallery_path=store)).start()
+        try:
+            server.wait_serving()
+            checksums.append(server.spec.checksum)
+            with grpc.insecure_channel(server.address) as channel:
+                gallery = gallery_pb2_grpc.GalleryStub(channel)
+                if name == ARCFACE_NAME:
+                    info = gallery.CreateGallery(gallery_pb2.CreateGalleryRequest(name="rgb"))
+                    assert info.model_checksum == server.spec.checksum
+                    gallery.Enroll(
+                        gallery_pb2.EnrollRequest(gallery="rgb", identity="a", samples=[sample])
+                    )
+                    continue
+                request = gallery_pb2.EnrollRequest(gallery="rgb", identity="b", samples=[sample])
+                with pytest.raises(grpc.RpcError) as err:
+                    gallery.Enroll(request, timeout=60)
+        finally:
+            server.stop()
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert checksums[0] in err.value.details() and checksums[1] in err.value.details()
