@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-ARCH ?= ir_50
-MODEL ?= adaface_$(subst _,,$(ARCH))
+# FORMAT=arcface_torch reads InsightFace backbone.pth files (ARCH=r18 r34 r50 r100, RGB input).
+FORMAT ?= adaface
+ARCH ?= $(if $(filter arcface_torch,$(FORMAT)),r50,ir_50)
+MODEL ?= $(if $(filter arcface_torch,$(FORMAT)),arcface,adaface)_$(subst _,,$(ARCH))
 REPO ?= model_repository
 CKPT ?=
 PORT ?= 50051
@@ -36,8 +38,8 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml constraints.txt
 
 # Exports $(CKPT) (or, without CKPT, a randomly initialised $(ARCH)) into $(REPO)/$(MODEL).
 export: venv
-	$(PY) -m adaface_server.models.export --arch $(ARCH) --repository $(REPO) --name $(MODEL) \
-		$(if $(CKPT),--checkpoint $(CKPT),)
+	$(PY) -m adaface_server.models.export --format $(FORMAT) --arch $(ARCH) --repository $(REPO) \
+		--name $(MODEL) $(if $(CKPT),--checkpoint $(CKPT),)
 
 # Exports only when there is no model yet or a checkpoint was given.
 serve: venv

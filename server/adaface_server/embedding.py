@@ -81,6 +81,7 @@ class ModelInfo:
     device: str = ""  # where the embedded model runs ("cpu", "cuda:0"); "" for Triton
     precision: str = ""  # "fp32", "bf16" or "fp16"; "" for Triton
     worker_pid: int = 0  # the process that answered (several share a port with --workers)
+    channel_order: str = "BGR"  # the model's input contract ("BGR" AdaFace, "RGB" arcface)
 
 
 class EmbeddingService:
@@ -196,6 +197,7 @@ class EmbeddingService:
             device=getattr(self.backend, "device", ""),
             precision=getattr(self.backend, "precision", ""),
             worker_pid=os.getpid(),
+            channel_order=spec.channel_order,
         )
 
     def _spec(self):
@@ -258,7 +260,7 @@ class EmbeddingService:
         if not rows:
             return outcomes
         batch = await asyncio.get_running_loop().run_in_executor(
-            self._preprocess, to_model_input, arrays, flip
+            self._preprocess, to_model_input, arrays, flip, self.backend.spec.channel_order
         )
         embeddings, norms = await self._infer(batch, group=2 if flip else 1)
         if flip:

@@ -83,6 +83,8 @@ def test_info_describes_model_and_limits(stub, embed_server):
     assert info.backend == embed_server.settings.backend
     assert info.model_checksum == spec.checksum and len(info.model_checksum) == 64
     assert info.untrained and "UNTRAINED" in info.weights
+    # An AdaFace model: the server feeds it BGR (the exporter records it, Triton's config too).
+    assert info.channel_order == "BGR"
     assert list(info.alignments) == [
         common_pb2.ALIGNMENT_ALIGNED,
         common_pb2.ALIGNMENT_LANDMARKS,

@@ -18,6 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from adaface_server.models.checkpoint import random_state_dict
 from adaface_server.models.export import (
+    DEFAULT_ARCH,
     ExportError,
     build_parser,
     default_model_name,
@@ -100,7 +101,8 @@ def test_cli_rejects_unknown_arch():
 
 def test_committed_config_matches_the_exporters_defaults():
     defaults = build_parser().parse_args([])
-    name = defaults.name or default_model_name(defaults.arch)
+    assert defaults.model_format == "adaface" and defaults.arch is None
+    name = defaults.name or default_model_name(DEFAULT_ARCH)
     assert name == "adaface_ir50"
     expected = render_config(
         name, defaults.max_batch_size, defaults.instance_count, defaults.max_queue_delay_us

@@ -82,7 +82,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "arch", "embedding_dim", "max_batch_size", "max_images_per_request", "max_image_bytes", "max_image_pixels", "backend", "model_checksum", "server_version", "untrained", "weights", "alignments", "device", "precision", "worker_pid")
+    __slots__ = ("model_name", "arch", "embedding_dim", "max_batch_size", "max_images_per_request", "max_image_bytes", "max_image_pixels", "backend", "model_checksum", "server_version", "untrained", "weights", "alignments", "device", "precision", "worker_pid", "channel_order")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class InfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     WORKER_PID_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_ORDER_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     arch: str
     embedding_dim: int
@@ -115,4 +116,5 @@ class InfoResponse(_message.Message):
     device: str
     precision: str
     worker_pid: int
-    def __init__(self, model_name: _Optional[str] = ..., arch: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., backend: _Optional[str] = ..., model_checksum: _Optional[str] = ..., server_version: _Optional[str] = ..., untrained: _Optional[bool] = ..., weights: _Optional[str] = ..., alignments: _Optional[_Iterable[_Union[_common_pb2.Alignment, str]]] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., worker_pid: _Optional[int] = ...) -> None: ...
+    channel_order: str
+    def __init__(self, model_name: _Optional[str] = ..., arch: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., backend: _Optional[str] = ..., model_checksum: _Optional[str] = ..., server_version: _Optional[str] = ..., untrained: _Optional[bool] = ..., weights: _Optional[str] = ..., alignments: _Optional[_Iterable[_Union[_common_pb2.Alignment, str]]] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., worker_pid: _Optional[int] = ..., channel_order: _Optional[str] = ...) -> None: ...

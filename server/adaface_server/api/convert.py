@@ -206,6 +206,7 @@ def info_response(info: ModelInfo, settings) -> embedder_pb2.InfoResponse:
         device=info.device,
         precision=info.precision,
         worker_pid=info.worker_pid,
+        channel_order=info.channel_order,
         alignments=[common_pb2.ALIGNMENT_ALIGNED, common_pb2.ALIGNMENT_LANDMARKS]
         + ([common_pb2.ALIGNMENT_DETECT] if settings.detector != "none" else []),
     )

@@ -14,6 +14,10 @@ Model identity for `Info` (arch, checksum, untrained): Triton does not know them
 read from the exporter's metadata.json in the local `--model-repository` (the same repository
 Triton serves, e.g. a shared volume in docker/compose.yaml). Without a local copy they are
 reported as "unknown" and the tensor contract is taken from Triton alone.
+
+The input channel order comes from the served config's `channel_order` parameter (what the
+exporter writes), else from the local metadata.json, else BGR (exports that predate it); a
+local copy that disagrees with Triton is refused like a tensor mismatch.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from ..errors import (
     Unavailable,
 )
 from ..models.repository import (
+    CHANNEL_ORDER_PARAMETER,
+    CHANNEL_ORDERS,
     EMBEDDING_DIM,
     EMBEDDING_NAME,
     INPUT_DIMS,
@@ -42,6 +48,7 @@ from ..models.repository import (
     NORM_NAME,
     ModelRepositoryError,
     ModelSpec,
+    input_contract,
     load_model_spec,
 )
 from ..request_context import time_left
@@ -273,6 +280,21 @@ class TritonBackend:
                 problems.append(
                     f"{kind} {tensor_name} shape is {list(tensor.shape)}, expected {shape}"
                 )
+        channel_order = local.channel_order if local else None
+        served_order = config.parameters.get(CHANNEL_ORDER_PARAMETER)
+        if served_order is not None:
+            order = served_order.string_value
+            if order not in CHANNEL_ORDERS:
+                problems.append(
+                    f"parameter {CHANNEL_ORDER_PARAMETER} is {order!r}, expected one of "
+                    f"{', '.join(CHANNEL_ORDERS)}"
+                )
+            elif channel_order is not None and order != channel_order:
+                problems.append(
+                    f"parameter {CHANNEL_ORDER_PARAMETER} is {order!r} but the local "
+                    f"metadata.json says {channel_order!r}"
+                )
+            channel_order = order
         if problems:
             raise FailedPrecondition(
                 f"model {metadata.name!r} on {self.target} does not match what this server "
@@ -316,7 +338,10 @@ class TritonBackend:
             embedding_dim=embedding_dim,
             max_batch_size=int(config.max_batch_size),
             model_dir=local.model_dir if local else Path(),
-            metadata=dict(local.metadata) if local else dict(UNKNOWN_METADATA),
+            metadata={
+                **(local.metadata if local else UNKNOWN_METADATA),
+                "input": input_contract(channel_order or "BGR"),
+            },
         )
 
     # -- readiness -----------------------------------------------------------------------

@@ -6,6 +6,9 @@ Usage: ``adaface-export --checkpoint adaface_ir50_ms1mv2.ckpt --arch ir_50`` wri
 exists for tests and benchmarks and says so loudly. ``--python-backend DIR`` also writes a
 Triton python-backend twin (same tensors and batching, ``model.py`` running the same
 ``model.pt``) into ``DIR/<name>``, for Triton builds without the PyTorch backend.
+``--format arcface_torch --arch r50`` reads an InsightFace arcface_torch ``backbone.pth``
+instead; such a model is fed RGB, and metadata.json ("input") and config.pbtxt (parameter
+``channel_order``) record that so the server preprocesses for it.
 
 Graph choice (measured with ``bench/bench_model.py``-style runs, random ir_50, torch 2.13 CPU,
 2-core AVX-512 EPYC, best of 3 x 2 s; a busy neighbour makes absolute figures drift):
@@ -61,10 +64,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaface_server.models.checkpoint import CheckpointError, load_backbone, random_state_dict
-from adaface_server.models.iresnet import ARCHS, EMBEDDING_DIM, build_model
+from adaface_server.models.checkpoint import CheckpointError
+from adaface_server.models.formats import ADAFACE, FORMATS, get_format
+from adaface_server.models.iresnet import EMBEDDING_DIM, build_model
 from adaface_server.models.repository import (
     CONFIG_FILENAME,
+    DEFAULT_CHANNEL_ORDER,
     DEFAULT_QUEUE_DELAY_US,
     EMBEDDING_NAME,
     INPUT_DIMS,
@@ -92,15 +97,7 @@ REDUCED_MIN_COSINE = 0.999
 REDUCED_MAX_REL_NORM_ERROR = 1e-2
 WEIGHTS_CHECKPOINT = "checkpoint"
 WEIGHTS_RANDOM = "random-untrained"
-PREPROCESSING = {
-    "description": "aligned 112x112 RGB face -> BGR -> (x / 255 - 0.5) / 0.5 -> float32 NCHW",
-    "color_order": "BGR",
-    "scale": "(x / 255 - 0.5) / 0.5",
-    "layout": "NCHW",
-    "height": 112,
-    "width": 112,
-    "dtype": "float32",
-}
+PREPROCESSING = ADAFACE.preprocessing()
 
 log = logging.getLogger("adaface_server.export")
 
@@ -153,15 +150,14 @@ class _ReducedPrecision(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        b = self.backbone
-        features = b.output_layer(b.body(b.input_layer(x.to(self.dtype)))).float()
+        features = self.backbone.unnormalised(x.to(self.dtype)).float()
         norm = torch.norm(features, 2, 1, True)
         return torch.div(features, norm), norm
 
 
-def default_model_name(arch: str) -> str:
-    """adaface_<arch without underscores>, e.g. ir_50 -> adaface_ir50."""
-    return "adaface_" + arch.replace("_", "")
+def default_model_name(arch: str, model_format: str = "adaface") -> str:
+    """<prefix><arch without underscores>, e.g. ir_50 -> adaface_ir50, r50 -> arcface_r50."""
+    return get_format(model_format).default_model_name(arch)
 
 
 def render_config(
@@ -169,6 +165,7 @@ def render_config(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     instance_count: int = 1,
     max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+    channel_order: str = DEFAULT_CHANNEL_ORDER,
 ) -> str:
     """The exact config.pbtxt text the exporter writes for these settings."""
     config = build_model_config(
@@ -177,6 +174,7 @@ def render_config(
         instance_count=instance_count,
         max_queue_delay_us=max_queue_delay_us,
         embedding_dim=EMBEDDING_DIM,
+        channel_order=channel_order,
     )
     return format_model_config(config)
 
@@ -285,15 +283,18 @@ def export_model(
     tolerance: float = TOLERANCE,
     precision: str = "fp32",
     reduced_min_cosine: float = REDUCED_MIN_COSINE,
+    model_format: str = "adaface",
 ) -> ExportReport:
     """Export arch (weights from checkpoint, or random when None) into repository/name.
 
-    precision bf16/fp16 writes a reduced-precision model (float32 in and out), verified by
-    min cosine >= REDUCED_MIN_COSINE and max relative norm error <= REDUCED_MAX_REL_NORM_ERROR
-    against the fp32 eager model instead of fp32's max abs `tolerance`."""
+    model_format picks the checkpoint family (see formats.FORMATS) and with it the input
+    channel order recorded in metadata.json and config.pbtxt. precision bf16/fp16 writes a
+    reduced-precision model (float32 in and out), verified by min cosine >=
+    REDUCED_MIN_COSINE and max relative norm error <= REDUCED_MAX_REL_NORM_ERROR against the
+    fp32 eager model instead of fp32's max abs `tolerance`."""
     started = time.perf_counter()
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; valid names: {', '.join(ARCHS)}")
+    fmt = get_format(model_format)
+    fmt.check_arch(arch)
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"invalid model name {name!r}")
     if version < 1:
@@ -304,17 +305,19 @@ def export_model(
         )
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    config_text = render_config(name, max_batch_size, instance_count, max_queue_delay_us)
+    config_text = render_config(
+        name, max_batch_size, instance_count, max_queue_delay_us, fmt.channel_order
+    )
 
     checkpoint_path = Path(checkpoint) if checkpoint is not None else None
     if checkpoint_path is not None:
-        eager = load_backbone(checkpoint_path, arch)
+        eager = fmt.load(checkpoint_path, arch)
         checkpoint_sha = _sha256(checkpoint_path)
         weights = WEIGHTS_CHECKPOINT
     else:
         _warn_untrained(arch, seed)
-        eager = build_model(arch)
-        eager.load_state_dict(random_state_dict(arch, seed), strict=True)
+        eager = fmt.build(arch)
+        eager.load_state_dict(fmt.random_weights(arch, seed), strict=True)
         eager.eval()
         checkpoint_sha = None
         weights = WEIGHTS_RANDOM
@@ -323,7 +326,9 @@ def export_model(
     with torch.inference_mode():
         reference = eager(batch)
     # trace_backbone converts the module in place; keep the eager copy pristine for comparing.
-    scripted = trace_backbone(build_copy(eager, arch), optimization, channels_last, precision)
+    scripted = trace_backbone(
+        build_copy(eager, arch, fmt.build), optimization, channels_last, precision
+    )
 
     repository = Path(repository)
     model_dir = repository / name / str(version)
@@ -391,7 +396,9 @@ def export_model(
         "embedding_name": EMBEDDING_NAME,
         "norm_name": NORM_NAME,
         "max_batch_size": max_batch_size,
-        "preprocessing": PREPROCESSING,
+        "format": fmt.name,
+        "input": fmt.input_contract(),
+        "preprocessing": fmt.preprocessing(),
         "weights": weights,
         "seed": seed if checkpoint_path is None else None,
         "checkpoint_file": checkpoint_path.name if checkpoint_path is not None else None,
@@ -495,9 +502,9 @@ def export_python_backend(
     return twin_dir
 
 
-def build_copy(model: nn.Module, arch: str) -> nn.Module:
-    """A fresh arch instance holding model's weights (cheaper than deepcopy, no hooks)."""
-    twin = build_model(arch)
+def build_copy(model: nn.Module, arch: str, build: Any = build_model) -> nn.Module:
+    """A fresh arch instance (made by build) holding model's weights (cheaper than deepcopy)."""
+    twin = build(arch)
     twin.load_state_dict(model.state_dict(), strict=True)
     return twin.eval()
 
@@ -514,6 +521,7 @@ def existing_export_matches(
     arch: str,
     checkpoint: Path | None,
     seed: int = 0,
+    model_format: str = "adaface",
 ) -> bool:
     """True when repository/name/version already holds an export of these weights."""
     model_dir = Path(repository) / name / str(version)
@@ -522,6 +530,9 @@ def existing_export_matches(
     except (OSError, ValueError):
         return False
     if not (model_dir / MODEL_FILENAME).is_file() or metadata.get("arch") != arch:
+        return False
+    # Exports made before formats were recorded are AdaFace ones.
+    if metadata.get("format", "adaface") != model_format:
         return False
     if not (Path(repository) / name / CONFIG_FILENAME).is_file():
         return False
@@ -543,9 +554,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         type=_optional_path,
         default=None,
-        help="AdaFace .ckpt or backbone .pth; omitted = RANDOM untrained weights (tests only)",
+        help="AdaFace .ckpt or backbone .pth (or, with --format arcface_torch, InsightFace's "
+        "backbone.pth); omitted = RANDOM untrained weights (tests only)",
     )
-    parser.add_argument("--arch", default=DEFAULT_ARCH, choices=ARCHS)
+    parser.add_argument(
+        "--format",
+        dest="model_format",
+        choices=tuple(FORMATS),
+        default="adaface",
+        help="checkpoint family: adaface (IR nets, BGR input; default) or arcface_torch "
+        "(InsightFace iresnet r18/r34/r50/r100, RGB input)",
+    )
+    parser.add_argument(
+        "--arch",
+        default=None,
+        choices=tuple(a for f in FORMATS.values() for a in f.archs),
+        help=f"adaface: {', '.join(ADAFACE.archs)} (default {DEFAULT_ARCH}); arcface_torch: "
+        f"{', '.join(FORMATS['arcface_torch'].archs)} (default "
+        f"{FORMATS['arcface_torch'].default_arch})",
+    )
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--name", default=None, help="model name (default adaface_<arch>)")
     parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
@@ -592,11 +619,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    fmt = get_format(args.model_format)
+    args.arch = args.arch or fmt.default_arch
+    if args.arch not in fmt.archs:
+        parser.error(
+            f"argument --arch: {args.arch!r} is not a {fmt.name} arch "
+            f"(choose from {', '.join(fmt.archs)})"
+        )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    name = args.name or default_model_name(args.arch)
+    name = args.name or fmt.default_model_name(args.arch)
     if args.if_missing and existing_export_matches(
-        args.repository, name, args.version, args.arch, args.checkpoint, args.seed
+        args.repository, name, args.version, args.arch, args.checkpoint, args.seed, fmt.name
     ):
         print(f"{args.repository / name / str(args.version)} already holds this export; skipped")
         return 0
@@ -614,6 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             channels_last=args.channels_last,
             max_queue_delay_us=args.max_queue_delay_us,
             precision=args.precision,
+            model_format=fmt.name,
         )
         if args.python_backend is not None:
             twin_dir = export_python_backend(

@@ -165,8 +165,12 @@ class Backbone(nn.Module):
             units.extend(unit(stage_depth, stage_depth, 1, use_se) for _ in range(count - 1))
         self.body = nn.Sequential(*units)
 
+    def unnormalised(self, x: torch.Tensor) -> torch.Tensor:
+        """The 512-d features before L2 normalisation."""
+        return self.output_layer(self.body(self.input_layer(x)))
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.output_layer(self.body(self.input_layer(x)))
+        x = self.unnormalised(x)
         norm = torch.norm(x, 2, 1, True)
         return torch.div(x, norm), norm
 

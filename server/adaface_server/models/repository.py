@@ -27,6 +27,13 @@ CONFIG_HEADER = (
     "# Weights live in <version>/model.pt and are never committed.\n"
 )
 _REQUIRED_METADATA = ("arch", "model_sha256", "weights")
+# The model's input contract: which colour channel comes first in INPUT__0, and the scaling.
+# Recorded in metadata.json ("input") and config.pbtxt (parameter "channel_order"); models
+# exported before the contract was recorded are AdaFace models, hence BGR.
+CHANNEL_ORDERS = ("BGR", "RGB")
+DEFAULT_CHANNEL_ORDER = "BGR"
+CHANNEL_ORDER_PARAMETER = "channel_order"
+NORMALISATION = "(x/255-0.5)/0.5"
 
 
 class ModelRepositoryError(RuntimeError):
@@ -61,12 +68,38 @@ class ModelSpec:
         return str(self.metadata["arch"])
 
     @property
+    def channel_order(self) -> str:
+        """ "BGR" or "RGB": the channel order INPUT__0 must be in (see channel_order_of)."""
+        return channel_order_of(self.metadata)
+
+    @property
     def untrained(self) -> bool:
         """True when the weights are random (exported without a checkpoint).
 
         "unknown" (a Triton model without a local metadata.json) is not claimed untrained.
         """
         return self.metadata.get("weights") not in ("checkpoint", "unknown")
+
+
+def input_contract(channel_order: str) -> dict[str, str]:
+    """The metadata.json "input" entry for a model fed channel_order in NORMALISATION."""
+    if channel_order not in CHANNEL_ORDERS:
+        raise ValueError(f"channel order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
+    return {"channel_order": channel_order, "normalisation": NORMALISATION}
+
+
+def channel_order_of(metadata: dict[str, Any], source: str = "metadata.json") -> str:
+    """The input channel order recorded in metadata; BGR when none is (older exports)."""
+    contract = metadata.get("input")
+    if contract is None:
+        return DEFAULT_CHANNEL_ORDER
+    order = contract.get("channel_order") if isinstance(contract, dict) else None
+    if order not in CHANNEL_ORDERS:
+        raise ModelRepositoryError(
+            f"{source}: input.channel_order must be one of {', '.join(CHANNEL_ORDERS)}, "
+            f"got {order!r}"
+        )
+    return str(order)
 
 
 def build_model_config(
@@ -76,6 +109,7 @@ def build_model_config(
     instance_count: int = 1,
     max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
     embedding_dim: int = EMBEDDING_DIM,
+    channel_order: str = DEFAULT_CHANNEL_ORDER,
 ) -> mc.ModelConfig:
     """The Triton config for an exported AdaFace TorchScript model."""
     if max_batch_size < 1:
@@ -96,6 +130,11 @@ def build_model_config(
     warm_input.dims.extend(INPUT_DIMS)
     warm_input.zero_data = True
     config.parameters["INFERENCE_MODE"].string_value = "true"
+    # Triton passes parameters it does not know to the backend, which ignores them; the
+    # adaface server reads this one to feed the model the channel order it was trained on.
+    config.parameters[CHANNEL_ORDER_PARAMETER].string_value = input_contract(channel_order)[
+        "channel_order"
+    ]
     return config
 
 
@@ -197,6 +236,13 @@ def load_model_spec(repository: Path | str, name: str) -> ModelSpec:
     absent = [k for k in _REQUIRED_METADATA if k not in metadata]
     if absent:
         raise ModelRepositoryError(f"{metadata_path} lacks {', '.join(absent)}")
+    channel_order = channel_order_of(metadata, str(metadata_path))
+    declared = config.parameters.get(CHANNEL_ORDER_PARAMETER)
+    if declared is not None and declared.string_value != channel_order:
+        raise ModelRepositoryError(
+            f"{config_path} says channel_order {declared.string_value!r} but {metadata_path} "
+            f"says {channel_order!r}: re-export the model"
+        )
     input_name = metadata.get("input_name", INPUT_NAME)
     embedding_name = metadata.get("embedding_name", EMBEDDING_NAME)
     norm_name = metadata.get("norm_name", NORM_NAME)

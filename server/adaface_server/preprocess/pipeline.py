@@ -1,4 +1,4 @@
-"""Per-image preprocessing: source -> aligned 112x112 RGB crop -> normalised BGR NCHW tensor."""
+"""Per-image preprocessing: source -> aligned 112x112 RGB crop -> normalised NCHW tensor."""
 
 from __future__ import annotations
 
@@ -127,8 +127,12 @@ def png_bytes(crop: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def to_model_input(crops: list[np.ndarray], flip: bool) -> np.ndarray:
-    """Stacks RGB crops into AdaFace input: BGR, (x/255-0.5)/0.5, float32 NCHW, C-contiguous.
+def to_model_input(crops: list[np.ndarray], flip: bool, channel_order: str = "BGR") -> np.ndarray:
+    """Stacks RGB crops into model input: (x/255-0.5)/0.5, float32 NCHW, C-contiguous.
+
+    channel_order is the model's (ModelSpec.channel_order): "BGR" for AdaFace models, "RGB"
+    for InsightFace arcface_torch ones. This is the only place the order is applied, so
+    every backend receives the tensor its model was trained on.
 
     With `flip`, row 2i is crop i and row 2i+1 its horizontal mirror, so both views of an
     image stay adjacent and travel in the same batch.
@@ -136,8 +140,12 @@ def to_model_input(crops: list[np.ndarray], flip: bool) -> np.ndarray:
     batch = np.stack(crops)  # N,H,W,3 RGB
     if flip:
         batch = np.stack([batch, batch[:, :, ::-1]], axis=1).reshape(-1, *batch.shape[1:])
-    bgr = batch[..., ::-1].transpose(0, 3, 1, 2)
+    if channel_order == "BGR":
+        batch = batch[..., ::-1]
+    elif channel_order != "RGB":
+        raise ValueError(f"channel_order must be 'BGR' or 'RGB', got {channel_order!r}")
+    nchw = batch.transpose(0, 3, 1, 2)
     # Same arithmetic as AdaFace's to_input, in float32.
-    out = (bgr.astype(np.float32) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
+    out = (nchw.astype(np.float32) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
     # A non-contiguous tensor made conv2d ~40x slower on this CPU (see notes).
     return np.ascontiguousarray(out)
