@@ -379,3 +379,25 @@ def test_a_gallery_filled_by_the_rgb_model_refuses_a_bgr_model(
             server.stop()
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert checksums[0] in err.value.details() and checksums[1] in err.value.details()
+
+
+def test_a_bf16_arcface_export_keeps_the_rgb_contract_within_its_gate(arcface_checkpoint, tmp_path):
+    """--precision applies to arcface_torch backbones too: the reduced model's features come
+    from the same unnormalised output, and the exported file still wants RGB."""
+    argv = ["--format", "arcface_torch", "--arch", "r18", "--precision", "bf16"]
+    argv += ["--checkpoint", str(arcface_checkpoint), "--repository", str(tmp_path)]
+    argv += ["--name", "arcface_bf16"]
+    assert main(argv) == 0
+    meta = json.loads((tmp_path / "arcface_bf16" / "1" / "metadata.json").read_text())
+    assert meta["precision"] == "bf16" and meta["input"]["channel_order"] == "RGB"
+    assert meta["min_cosine"] >= 0.999
+    crops = [colour_crop(seed) for seed in range(4)]
+    reference, _ = eager(arcface_checkpoint, crops, "RGB")
+    scripted = torch.jit.load(str(tmp_path / "arcface_bf16" / "1" / "model.pt"))
+    rgb = np.stack([c.transpose(2, 0, 1) for c in crops])  # the model's own RGB order
+    x = (torch.from_numpy(rgb).float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        emb, norm = scripted(x)
+    assert emb.dtype == torch.float32 and norm.dtype == torch.float32
+    cosine = (emb.numpy() * reference).sum(axis=1)
+    assert cosine.min() >= 0.999, cosine
