@@ -60,4 +60,5 @@ def test_a_busy_port_with_a_good_key_pair_says_the_port_is_in_use(ir18_repositor
         finally:
             server.loop.call_soon_threadsafe(server.loop.stop)
             server.thread.join(10)
-    assert str(err.value) == f"cannot listen on 127.0.0.1:{port}: the port is in use"
+    assert str(err.value).startswith(f"cannot listen on 127.0.0.1:{port}: the port is in use;")
+    assert "key" not in str(err.value)

@@ -59,8 +59,8 @@ def _not_aligned(exact_size: tuple[int, int], size: tuple[int, int]) -> ImageRej
     return ImageRejected(
         "NOT_ALIGNED",
         f"an aligned face crop must be {exact_size[0]}x{exact_size[1]}, got "
-        f"{size[0]}x{size[1]} (send landmarks, or use ALIGNMENT_DETECT on a "
-        "detecting server)",
+        f"{size[0]}x{size[1]}: send alignment=detect (the default) for photos, or a "
+        f"{exact_size[0]}x{exact_size[1]} crop (or 5 landmarks)",
     )
 
 
