@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "docker" / "k8s"
 #: The oldest Kubernetes the manifests target (native gRPC probes are GA from 1.27).
 KUBERNETES_VERSION = "1.30.0"
+
+
 def manifests() -> list[tuple[str, dict]]:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     return [
