@@ -14,16 +14,18 @@ import pytest
 
 from ..integration.triton_harness import find_tritonserver
 from .podman import (
+    CACHE,
     DOCKERFILE,
     ROOT,
     SERVER_IMAGE,
     Podman,
+    debian_closure,
     debian_packages,
     dockerfile_base,
     wheelhouse,
     which_all,
 )
-from .stack import TRITON_TEST_IMAGE
+from .stack import TRITON_TEST_IMAGE, service_image
 
 if os.environ.get("ADAFACE_CONTAINER_TESTS") != "1":
     collect_ignore_glob = ["test_*.py"]
@@ -79,3 +81,26 @@ def triton_image(podman: Podman, server_image: str, tmp_path_factory) -> str:
     dockerfile = Path(__file__).parent / "triton" / "Dockerfile"
     podman.build(TRITON_TEST_IMAGE, dockerfile, context, build_args={"BASE": server_image})
     return TRITON_TEST_IMAGE
+
+
+@pytest.fixture(scope="session")
+def postgres_image(podman: Podman, tmp_path_factory) -> str:
+    """The compose file's postgres image (its default tag), built offline: Debian's
+    postgresql-<major> on the debootstrapped base, our entrypoint (tests/containers/postgres)."""
+    tag = service_image("postgres")
+    major = tag.rsplit(":", 1)[1].split(".")[0]  # Debian's package of the same major version
+    base = dockerfile_base()
+    podman.ensure_base(base)
+    status = podman("run", "--rm", "--network", "none", base, "cat", "/var/lib/dpkg/status")
+    debs = debian_closure([f"postgresql-{major}"], status.stdout, CACHE / "debs-postgres")
+    here = Path(__file__).parent / "postgres"
+    context = tmp_path_factory.mktemp("postgres_context")
+    shutil.copy2(here / "entrypoint.sh", context / "entrypoint.sh")
+    (context / "debs").mkdir()
+    for deb in debs.glob("*.deb"):
+        try:
+            os.link(deb, context / "debs" / deb.name)
+        except OSError:  # another file system
+            shutil.copy2(deb, context / "debs" / deb.name)
+    podman.build(tag, here / "Dockerfile", context, build_args={"BASE": base, "PG_MAJOR": major})
+    return tag

@@ -9,6 +9,7 @@ so a second run on the same machine reuses it; a fresh clone builds it all from 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -242,6 +243,37 @@ def debian_packages(names: list[str], dest: Path = CACHE / "debs") -> Path:
         if attempt:
             raise RuntimeError(f"apt-get download {missing}: {result.stderr[-2000:]}")
         _run(["apt-get", "update", "-q"], timeout=600)  # no package lists yet
+    return dest
+
+
+def debian_closure(names: list[str], status: str, dest: Path) -> Path:
+    """`names` and every dependency a system with dpkg status `status` lacks, as .deb files.
+
+    apt on the host resolves them against that status file (the image's, not the host's), so
+    the set is exactly what `dpkg -i` in the image needs; downloaded once, kept in `dest`.
+    """
+    stamp = " ".join(names) + "\n" + hashlib.sha256(status.encode()).hexdigest()
+    marker = dest / ".complete"
+    if marker.is_file() and marker.read_text() == stamp:
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)
+    (dest / "partial").mkdir(parents=True)
+    status_file = dest / "status"
+    status_file.write_text(status)
+    command = ["apt-get", "install", "-y", "-q", "--download-only", "--no-install-recommends"]
+    command += ["-o", f"Dir::State::status={status_file}", "-o", f"Dir::Cache::archives={dest}"]
+    command += names
+    for attempt in range(2):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if result.returncode == 0:
+            break
+        if attempt:
+            raise RuntimeError(f"{' '.join(command)}: {result.stderr[-2000:]}")
+        _run(["apt-get", "update", "-q"], timeout=600)  # no package lists yet
+    for name in names:
+        if not list(dest.glob(f"{name}_*.deb")):
+            raise RuntimeError(f"{name} was not downloaded into {dest}")
+    marker.write_text(stamp)
     return dest
 
 

@@ -10,14 +10,19 @@ commands and healthchecks as the real file. What differs, and why:
   also writes the python-backend twin (`--python-backend`) and triton serves the twin;
 - `build:` is dropped (the test builds the images first, offline) and `ulimits:` too (root
   here may not raise RLIMIT_MEMLOCK/STACK; podman refuses to start the container).
-PostgreSQL galleries: when docker/compose.cpu.yaml gains a `postgres` service, it is carried
-over unchanged by `generate` (hook: `extra_services`), and the server keeps its environment.
+PostgreSQL galleries: the `postgres` service is carried over unchanged (image name included;
+hook: `extra_services`) and the server keeps its environment. Its image cannot be pulled
+here either: the test builds a stand-in from Debian's postgresql-15 and tags it as the
+file's default image name (tests/containers/postgres/; `service_image`). The password secret
+is the file compose already reads from ADAFACE_POSTGRES_PASSWORD_FILE, which `environment()`
+points at the test's own throw-away file (never ../.secrets/).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +42,7 @@ class StackPaths:
     model_repository: Path  # export writes here; server reads it (../model_repository)
     twin_repository: Path  # export writes the python-backend twin here; triton reads it
     checkpoints: Path  # ADAFACE_CHECKPOINT_DIR (empty: random weights)
+    postgres_password: Path  # ADAFACE_POSTGRES_PASSWORD_FILE (the postgres_password secret)
 
 
 def _port(spec: str, host_ports: dict[str, int]) -> str:
@@ -84,7 +90,21 @@ def environment(paths: StackPaths, model: str, arch: str) -> dict[str, str]:
         "ADAFACE_ARCH": arch,
         "ADAFACE_MODEL_NAME": model,
         "ADAFACE_CHECKPOINT_DIR": str(paths.checkpoints),
+        "ADAFACE_POSTGRES_PASSWORD_FILE": str(paths.postgres_password),
     }
+
+
+def service_image(name: str, source: Path = COMPOSE_CPU) -> str:
+    """The image `name` runs with the file's defaults (`${VAR:-default}`), fully qualified as
+    Docker Hub names are (`postgres:15` is docker.io/library/postgres:15)."""
+    image = yaml.safe_load(source.read_text())["services"][name]["image"]
+    image = re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-([^}]*)\}", r"\1", image)
+    if "/" not in image:
+        return f"docker.io/library/{image}"
+    first = image.split("/")[0]
+    if "." in first or ":" in first or first == "localhost":
+        return image
+    return f"docker.io/{image}"
 
 
 def extra_services(stack: dict) -> set[str]:

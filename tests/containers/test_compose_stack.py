@@ -1,12 +1,15 @@
-"""The compose stack with Triton, brought up by podman-compose: export -> triton -> server.
+"""The compose stack, brought up by podman-compose: postgres, export -> triton -> server.
 
 Healthchecks do not run by themselves here (no systemd) and `condition: service_healthy` is
 not honoured, so the test starts each service in order and polls `podman healthcheck run`.
+The server keeps its galleries in the stack's PostgreSQL (a stand-in image built from
+Debian's postgresql-15, tagged as the file's postgres image; see conftest.postgres_image).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -18,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from adaface_client import Client
+from adaface_client import Client, GalleryClient
 from adaface_client.client import Unavailable
 
 from ..integration.server_harness import ServerThread, server_settings
@@ -79,21 +82,26 @@ def reference_embedding(repository: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def stack(podman, server_image, triton_image, tmp_path_factory) -> Iterator[Stack]:
+def stack(podman, server_image, triton_image, postgres_image, tmp_path_factory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("stack")
     work.chmod(0o755)
-    paths = StackPaths(work / "model_repository", work / "triton_repository", work / "ckpt")
+    paths = StackPaths(
+        work / "model_repository", work / "triton_repository", work / "ckpt", work / "pg_password"
+    )
     for folder in (paths.model_repository, paths.twin_repository, paths.checkpoints):
         folder.mkdir(mode=0o755)
+    # The secret the compose file reads (ADAFACE_POSTGRES_PASSWORD_FILE): throw-away, and
+    # readable by both containers' users (postgres, adaface) through the bind mount.
+    paths.postgres_password.write_text(secrets.token_hex(24) + "\n")
+    paths.postgres_password.chmod(0o644)
     ports = {port: free_port() for port in CONTAINER_PORTS}
     file = work / "compose.test.yaml"
     document = generate(paths, ports)
     file.write_text(yaml.safe_dump(document, sort_keys=False))
     compose = Compose(podman, file, f"adaface-test-{os.getpid()}", environment(paths, MODEL, ARCH))
     try:
-        # Hook for services the real file gains (e.g. postgres for shared galleries): they
-        # start first, and their image must exist locally (built by a fixture like
-        # triton_image, since no registry is reachable).
+        # Services beyond export/triton/server (postgres) start first; their images must
+        # exist locally (built by a fixture like postgres_image: no registry is reachable).
         for service in sorted(extra_services(document)):
             compose("up", "-d", "--no-deps", service)
             if "healthcheck" in document["services"][service]:
@@ -150,3 +158,40 @@ def test_stopping_triton_gives_unavailable_then_recovery(podman, stack):
             time.sleep(1.0)
     np.testing.assert_allclose(embeddings, reference, rtol=0, atol=1e-5)
     podman.wait_healthy(stack.compose.container("server"))
+
+
+def psql(podman: Podman, stack: Stack, sql: str) -> str:
+    """`sql` through psql inside the postgres container, as the compose file's user."""
+    container = stack.compose.container("postgres")
+    command = ["exec", container, "psql", "-U", "adaface", "-d", "galleries", "-tAc", sql]
+    return podman(*command).stdout.strip()
+
+
+def test_galleries_are_stored_in_postgres_and_survive_a_server_restart(podman, stack):
+    with GalleryClient(stack.address) as gallery:
+        gallery.create_gallery("staff")
+        result = gallery.enroll("staff", "alice", [PHOTO])
+        assert not result.errors, result
+    assert psql(podman, stack, "SELECT name FROM galleries") == "staff"
+    assert psql(podman, stack, "SELECT name FROM identities") == "alice"
+    tables = psql(podman, stack, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    assert {"galleries", "identities", "samples"} <= set(tables.split())
+
+    server = stack.compose.container("server")
+    podman("restart", "-t", "10", server, timeout=120)
+    podman.wait_healthy(server)
+    with GalleryClient(stack.address) as gallery:
+        [probe] = gallery.search("staff", [PHOTO], top_k=1)
+        assert probe.ok, probe
+        assert [m.identity for m in probe.matches] == ["alice"]
+        assert probe.matches[0].score > 0.99
+
+
+def test_postgres_stops_cleanly(podman, stack):
+    """Last: `podman stop` (the image's stop signal, fast shutdown) with the server still
+    connected ends in a checkpoint and exit 0, not in a kill after the timeout."""
+    container = stack.compose.container("postgres")
+    podman("stop", "-t", "30", container, timeout=120)
+    state = podman.state(container)
+    assert state["ExitCode"] == 0, podman.logs(container)
+    assert "database system is shut down" in podman.logs(container)

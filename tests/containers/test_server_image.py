@@ -55,6 +55,9 @@ class Container:
             "--security-opt", "no-new-privileges",
             image,
             "--model", model, "--threads", "1", "--grace-seconds", str(GRACE_SECONDS),
+            # Compared with the embedded backend at 1e-5: exact fp32, as server_settings
+            # does (the default, auto, runs bf16 on a CPU with avx512_bf16/AMX).
+            "--precision", "fp32",
         ]  # fmt: skip
 
     def start(self) -> Container:
