@@ -23,6 +23,7 @@ from adaface_client.aio import AsyncClient
 from adaface_client.errors import (
     AdafaceError,
     AlreadyExists,
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     ImageErrors,
@@ -66,6 +67,7 @@ __all__ = [
     "AdafaceError",
     "AlreadyExists",
     "AsyncClient",
+    "Cancelled",
     "Client",
     "DeadlineExceeded",
     "DetectResult",

@@ -90,6 +90,11 @@ class Unimplemented(AdafaceError):
     """The server does not implement this call."""
 
 
+class Cancelled(AdafaceError):
+    """The call was cancelled, or its upload ended before its content said it was complete
+    (an import file without its end record): nothing was written."""
+
+
 _ERROR_BY_CODE: dict[grpc.StatusCode, type[AdafaceError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -102,6 +107,7 @@ _ERROR_BY_CODE: dict[grpc.StatusCode, type[AdafaceError]] = {
     grpc.StatusCode.INTERNAL: Internal,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
+    grpc.StatusCode.CANCELLED: Cancelled,
 }
 
 

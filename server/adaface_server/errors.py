@@ -49,6 +49,13 @@ class DeadlineExceeded(ServiceError):
     status = "DEADLINE_EXCEEDED"
 
 
+class Cancelled(ServiceError):
+    """The request ended before its own content said it was complete (an upload without its
+    end record): nothing was done, as for a call the client cancelled."""
+
+    status = "CANCELLED"
+
+
 class Internal(ServiceError):
     status = "INTERNAL"
 

@@ -1250,6 +1250,13 @@ def test_import(stubs: Stubs, watchdog: Watchdog, import_files, data) -> None:
     watchdog.tick()
     case = data.draw(import_cases(import_files))
     answer = call(stubs.gallery.Import, iter(case.messages))
+    if answer.code == Code.CANCELLED and case.field is None:
+        # A native file cut before its end record: an upload that never finished.
+        assert answer.details.startswith("import: the upload ended"), answer
+        if case.name and case.name not in GALLERIES:
+            left = call(stubs.gallery.GetGallery, gallery_pb2.GetGalleryRequest(name=case.name))
+            expect(left, code=Code.NOT_FOUND)
+        return
     expect(answer, case.field)
     if answer.code == Code.INVALID_ARGUMENT:
         assert answer.details.startswith(("import", "header", "data")), answer

@@ -273,9 +273,13 @@ def test_export_import_roundtrip(stub):
     err = rpc_error(stub.Import, upload("copy", data))
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS
     assert err.details() == "gallery 'copy' already exists"
+    # A file cut before its end record is an upload that never finished: CANCELLED.
     err = rpc_error(stub.Import, upload("cut", data[:-30]))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.details().startswith("import: ")
+    assert err.code() == grpc.StatusCode.CANCELLED
+    assert err.details().startswith("import: the upload ended at byte")
+    assert rpc_error(stub.GetGallery, gallery_pb2.GetGalleryRequest(name="cut")).code() == (
+        grpc.StatusCode.NOT_FOUND
+    )
 
 
 def test_import_seed_gallery_pth(stub, tmp_path, checksum):

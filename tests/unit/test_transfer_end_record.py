@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaface_server.errors import InvalidArgument
+from adaface_server.errors import Cancelled, InvalidArgument
 from adaface_server.gallery.transfer import (
     TransferIdentity,
     export_stream,
@@ -49,11 +49,15 @@ def test_an_altered_vector_is_refused_by_the_digest() -> None:
     assert "altered or damaged" in str(err.value)
 
 
-def test_a_file_without_its_end_record_is_refused() -> None:
+def test_a_file_without_its_end_record_counts_as_cancelled() -> None:
     data = exported()
-    cut = data[: data.rindex(b'{"end":')]
-    with pytest.raises(InvalidArgument, match="no end record"):
-        parse_native(cut)
+    end = data.rindex(b'{"end":')
+    # Cut at a record boundary, inside the end record, inside vectors, inside the magic.
+    for cut in (end, len(data) - 1, len(data) - 30, data.index(b'"p1"') + 40, 3, 0):
+        with pytest.raises(Cancelled, match="no end record") as err:
+            parse_native(data[:cut])
+        assert err.value.status == "CANCELLED"
+        assert f"ended at byte {cut}" in str(err.value)
 
 
 def test_files_from_servers_without_a_digest_still_import() -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InvalidArgument
+from ..errors import Cancelled, InvalidArgument
 from . import store as db
 from .index import Change
 
@@ -97,6 +97,8 @@ def _line(obj: dict) -> bytes:
 def parse_native(data: bytes | bytearray | memoryview) -> TransferGallery:
     """Parses an export file; a truncated or inconsistent file raises InvalidArgument."""
     view = memoryview(data)
+    if len(view) < len(MAGIC) and bytes(view) == MAGIC[: len(view)]:
+        raise _ended_early(len(view))
     if bytes(view[: len(MAGIC)]) != MAGIC:
         raise InvalidArgument("import: not an adaface gallery export (bad magic); wrong format?")
     pos = len(MAGIC)
@@ -105,7 +107,7 @@ def parse_native(data: bytes | bytearray | memoryview) -> TransferGallery:
         nonlocal pos
         end = _find_newline(view, pos)
         if end < 0:
-            raise InvalidArgument(f"import: file truncated at byte {pos} (no end record)")
+            raise _ended_early(len(view))
         try:
             obj = json.loads(bytes(view[pos:end]))
         except ValueError as exc:
@@ -154,7 +156,7 @@ def parse_native(data: bytes | bytearray | memoryview) -> TransferGallery:
             raise InvalidArgument(f"import: bad identity record at byte {start}: {exc!r}") from None
         nbytes = len(samples) * dim * 4
         if pos + nbytes > len(view):
-            raise InvalidArgument(f"import: file truncated in the vectors of identity {name!r}")
+            raise _ended_early(len(view), f" in the vectors of identity {name!r}")
         vectors = np.frombuffer(view[pos : pos + nbytes], dtype="<f4").reshape(-1, dim)
         pos += nbytes
         gallery.identities.append(
@@ -163,6 +165,15 @@ def parse_native(data: bytes | bytearray | memoryview) -> TransferGallery:
     if pos != len(view):
         raise InvalidArgument(f"import: {len(view) - pos} unexpected bytes after the end record")
     return gallery
+
+
+def _ended_early(size: int, where: str = "") -> Cancelled:
+    """A file that stops before its end record is an upload that never finished (a client that
+    died mid-stream looks exactly like this): treated as cancelled, nothing is written."""
+    return Cancelled(
+        f"import: the upload ended at byte {size}{where} before the export's end record "
+        "(no end record): treated as cancelled, nothing was written; send the whole file"
+    )
 
 
 def _check_digest(content: memoryview, declared: object, where: int) -> None:
