@@ -272,3 +272,28 @@ def test_graceful_stop_finishes_in_flight_requests(ir18_repository):
     stopper.join(60)
     channel.close()
     assert len(response.results) == 32 and all(r.HasField("embedding") for r in response.results)
+
+
+def test_every_one_of_64_failed_images_comes_back_within_the_trailer_limit(ir18_repository):
+    """All 64 images fail with long messages: the per-image results still fit in trailing
+    metadata (gRPC clients refuse more than 8 KiB of it by default), so the answer is
+    INVALID_ARGUMENT with every image's reason, not RESOURCE_EXHAUSTED."""
+    repository, name = ir18_repository
+    settings = server_settings(repository, name, max_images_per_request=64)
+    server = ServerThread(settings).start().wait_serving()
+    wide = png(np.full((113, 2000, 3), 7, np.uint8))
+    images = [common_pb2.ImageInput(encoded=wide, alignment=common_pb2.ALIGNMENT_ALIGNED)] * 64
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = embedder_pb2_grpc.EmbedderStub(channel)
+            err = call_error(stub, embedder_pb2.EmbedRequest(images=images))
+    finally:
+        server.stop()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    response = embedder_pb2.EmbedResponse.FromString(
+        dict(err.trailing_metadata())["adaface-embed-response-bin"]
+    )
+    assert len(response.results) == 64
+    for i, result in enumerate(response.results):
+        assert result.error.reason == common_pb2.ImageError.REASON_NOT_ALIGNED, (i, result)
+        assert result.error.message.startswith(f"images[{i}]"), result.error.message

@@ -63,7 +63,9 @@ class EmbedderServicer:
         """Embeds up to Info.max_images_per_request images. Per-image failures are returned in
         the results; the RPC fails with INVALID_ARGUMENT only when the request is malformed
         or every image failed. In the latter case the trailing metadata key
-        "adaface-embed-response-bin" holds the serialized EmbedResponse with each image's error.
+        "adaface-embed-response-bin" holds the serialized EmbedResponse with each image's error
+        (at most 3 KiB: long messages are cut, ending in "...", so it fits gRPC's 8 KiB default
+        metadata limit; index and reason are always whole).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

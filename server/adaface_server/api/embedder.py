@@ -22,11 +22,45 @@ log = logging.getLogger(__name__)
 FAILED_RESPONSE_KEY = "adaface-embed-response-bin"
 
 
+#: gRPC clients refuse more than 8 KiB of response metadata by default. The failed-images
+#: response travels base64-encoded (4/3 larger) beside the status message (up to 1,000 bytes,
+#: up to 3x that once percent-encoded) and the request id: its per-image messages are cut so
+#: that it stays within this many bytes.
+MAX_FAILED_RESPONSE_BYTES = 3072
+
+
 class AllImagesFailed(InvalidArgument):
     def __init__(self, response: embedder_pb2.EmbedResponse, message: str) -> None:
         super().__init__(message)
-        self.response = response
-        self.trailing_metadata = ((FAILED_RESPONSE_KEY, response.SerializeToString()),)
+        self.response = response  # whole, for streams (answered in-band)
+        self.trailing_metadata = ((FAILED_RESPONSE_KEY, fitted_failures(response)),)
+
+
+def fitted_failures(response: embedder_pb2.EmbedResponse) -> bytes:
+    """`response` serialized within MAX_FAILED_RESPONSE_BYTES: every image keeps its index,
+    reason and the start of its message; the message budget is shared equally."""
+    data = response.SerializeToString()
+    if len(data) <= MAX_FAILED_RESPONSE_BYTES:
+        return data
+    trimmed = embedder_pb2.EmbedResponse()
+    trimmed.CopyFrom(response)
+    for result in trimmed.results:
+        result.error.message = ""
+    # 2 bytes a message for its length prefix growing past one byte.
+    share = (MAX_FAILED_RESPONSE_BYTES - trimmed.ByteSize()) // max(1, len(trimmed.results)) - 2
+    for result, whole in zip(trimmed.results, response.results, strict=True):
+        result.error.message = _cut(whole.error.message, share)
+    return trimmed.SerializeToString()
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` in at most `limit` UTF-8 bytes, ending with "..." when cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    if limit < 4:
+        return ""
+    return data[: limit - 3].decode(errors="ignore") + "..."
 
 
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
