@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from adaface.v1 import sampling_pb2, sampling_pb2_grpc
+from adaface.v1 import common_pb2, gallery_pb2, gallery_pb2_grpc, sampling_pb2, sampling_pb2_grpc
 
 from .gallery_support import free_port, start_server_process, wait_serving
 from .server_harness import ServerThread, server_settings
@@ -91,3 +91,64 @@ def test_sigterm_ends_the_process_during_a_build(ir18_repository, tmp_path, monk
             proc.wait()
     text = log.read_text()
     assert STOPPED in text  # the computation was told to stop, not left running
+
+
+def big_vector_gallery(identities: int, per_identity: int, dim: int) -> bytes:
+    """A native export file of unit vectors (a gallery pinned to no real model)."""
+    from adaface_server.gallery.transfer import TransferIdentity, export_stream
+
+    rng = np.random.default_rng(11)
+    people = []
+    for i in range(identities):
+        v = rng.standard_normal((per_identity, dim)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        ids = list(range(i * per_identity, (i + 1) * per_identity))
+        ones = np.ones(per_identity, np.float32)
+        people.append(TransferIdentity(f"p{i}", {}, 0.0, v, ones, ids, [0.0] * per_identity))
+    header = {"name": "big", "model_checksum": "ab" * 32, "model_name": "", "dim": dim}
+    return b"".join(export_stream({**header, "metadata": {}}, people))
+
+
+def test_a_search_stops_when_its_deadline_passes(ir18_repository, caplog):
+    """1024 probes over 600k samples in 1 MiB chunks take seconds; a caller that gives up
+    after 0.3 s stops the search between chunks (it says so) and the pool is free again."""
+    caplog.set_level(logging.INFO, logger="adaface_server.gallery.service")
+    repository, model = ir18_repository
+    settings = server_settings(repository, model, gallery_search_chunk_mb=1)
+    server = ServerThread(settings).start()
+    dim = 8
+    data = big_vector_gallery(120, 5000, dim)
+    probes = np.random.default_rng(12).standard_normal((1024, dim)).astype("<f4")
+    request = gallery_pb2.SearchRequest(
+        gallery="big",
+        top_k=5,
+        model_checksum="ab" * 32,  # vector probes for a gallery of another model
+        probes=[
+            gallery_pb2.GallerySample(vector=common_pb2.Embedding(vector=p.tobytes(), dim=dim))
+            for p in probes / np.linalg.norm(probes, axis=1, keepdims=True)
+        ],
+    )
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = gallery_pb2_grpc.GalleryStub(channel)
+            header = gallery_pb2.ImportRequest(header=gallery_pb2.ImportHeader(format=1))
+            chunks = [data[i : i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
+            uploads = [header, *(gallery_pb2.ImportRequest(data=c) for c in chunks)]
+            assert stub.Import(iter(uploads), timeout=300).sample_count == 600_000
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Search(request, timeout=0.3)
+            assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            deadline = time.monotonic() + 60
+            while not any("search stopped at row" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, "the search was never told to stop"
+                time.sleep(0.01)
+            stopped_after = time.monotonic() - started
+            # The same search, given the time, runs to the end: it was stopped, not short.
+            started = time.monotonic()
+            found = stub.Search(request, timeout=300)
+            full = time.monotonic() - started
+            assert len(found.results) == 1024 and all(len(r.matches) == 5 for r in found.results)
+        print(f"search stopped after {stopped_after:.2f} s; a full one takes {full:.2f} s")
+    finally:
+        server.stop()

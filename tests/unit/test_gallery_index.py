@@ -7,7 +7,14 @@ import threading
 import numpy as np
 import pytest
 
-from adaface_server.gallery.index import Change, ExactIndex, HnswIndex, Rows, top_rows
+from adaface_server.gallery.index import (
+    Change,
+    ExactIndex,
+    HnswIndex,
+    Rows,
+    Stopped,
+    top_rows,
+)
 
 DIM = 64
 
@@ -244,3 +251,34 @@ def test_many_probes_take_the_bf16_pass_and_stay_exact(data):
     full[:, rows.dead] = -np.inf
     np.testing.assert_array_equal(found, np.argsort(-full, axis=1, kind="stable")[:, :30])
     np.testing.assert_allclose(scores, -np.sort(-full, axis=1)[:, :30], atol=1e-6)
+
+
+class Countdown:
+    """A should_stop that says "stop" once it has been asked `after` times."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.asked = after, 0
+
+    def __call__(self) -> bool:
+        self.asked += 1
+        return self.asked > self.after
+
+
+@pytest.mark.parametrize(("probes", "scoring"), [(7, "max"), (80, "max"), (7, "mean")])
+def test_a_search_told_to_stop_stops_between_chunks(probes, scoring):
+    """fp32 (few probes), the bf16 pass (many probes) and mean scoring all ask between chunks;
+    a search that is never told to stop gives the same answer as one without the check."""
+    rng = np.random.default_rng(9)
+    vectors = unit(rng.standard_normal((20_000, DIM)))  # 5 chunks: at least 4096 rows each
+    # Mean scoring scans one template per identity: give it as many identities as rows.
+    labels = np.arange(1, len(vectors) + 1) if scoring == "mean" else rng.integers(1, 900, 20_000)
+    many = unit(rng.standard_normal((probes, DIM)))
+    index = filled(ExactIndex(DIM, chunk_bytes=1 << 12), vectors, labels)
+    stop = Countdown(after=2)
+    with pytest.raises(Stopped, match=r"search stopped at row \d+ of \d+"):
+        index.search(many, 5, None, scoring, should_stop=stop)
+    assert stop.asked == 3  # stopped at the third chunk, not at the end
+    never = Countdown(after=10**9)
+    hits, _ = index.search(many, 5, None, scoring, should_stop=never)
+    assert never.asked > 3  # every chunk asked
+    assert hits == index.search(many, 5, None, scoring)[0]

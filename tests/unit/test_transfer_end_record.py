@@ -89,3 +89,26 @@ def test_a_damaged_pickle_in_a_gallery_pth_is_refused() -> None:
     data[at] ^= 0x01
     with pytest.raises(InvalidArgument, match=r"gallery\.pth"):
         parse_seed_pth(bytes(data), "g", "a" * 64)
+
+
+def test_an_import_told_to_stop_stops_between_records() -> None:
+    from adaface_server.gallery.index import Stopped
+    from adaface_server.gallery.transfer import STOP_CHECK_RECORDS
+
+    n = 3 * STOP_CHECK_RECORDS
+    people = [
+        TransferIdentity(f"p{i}", {}, 0.0, np.ones((1, 4), np.float32), np.ones(1, np.float32),
+                         [i], [0.0])
+        for i in range(n)
+    ]  # fmt: skip
+    data = b"".join(export_stream(HEADER, people))
+    asked = []
+
+    def second_time() -> bool:
+        asked.append(1)
+        return len(asked) >= 2
+
+    with pytest.raises(Stopped, match=r"import stopped at byte \d+ of \d+"):
+        parse_native(data, should_stop=second_time)
+    assert len(asked) == 2  # at record 0 and at record STOP_CHECK_RECORDS
+    assert len(parse_native(data, should_stop=lambda: False).identities) == n

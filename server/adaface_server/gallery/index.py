@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,10 +129,25 @@ class Rows:
         return pos[stored[pos] == keys[ok]]
 
 
+#: Asked between chunks of a long search: True once its caller has gone.
+StopCheck = Callable[[], bool] | None
+
+
+class Stopped(Exception):
+    """A long computation (a search, an import) was told to stop: its caller left."""
+
+
+def _check(should_stop: StopCheck, row: int, rows: int) -> None:
+    if should_stop is not None and should_stop():
+        raise Stopped(f"search stopped at row {row} of {rows}")
+
+
 def top_rows(
-    rows: Rows, probes: np.ndarray, k: int, chunk_bytes: int
+    rows: Rows, probes: np.ndarray, k: int, chunk_bytes: int, should_stop: StopCheck = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k best live rows per probe by inner product: (scores [q,k], rows [q,k]), best first.
+
+    `should_stop` is asked before each chunk; when it says so, Stopped is raised.
 
     The gallery is scanned in chunks sized so one block of scores stays within
     `chunk_bytes`; one probe makes a single sgemv over everything. fp32 products run in
@@ -147,13 +162,14 @@ def top_rows(
     matrix = rows.matrix
     half = matrix.dtype == np.float16
     if not half and q >= BF16_MIN_PROBES:
-        return _top_rows_bf16(rows, probes, k, chunk_bytes)
+        return _top_rows_bf16(rows, probes, k, chunk_bytes, should_stop)
     probes_t = torch.from_numpy(probes.astype(np.float16)) if half else None
     chunk = max(k, 4096, chunk_bytes // (4 * q))
     best_s = torch.empty((q, 0), dtype=torch.float32)
     best_r = torch.empty((q, 0), dtype=torch.int64)
     dead = rows.dead
     for start in range(0, rows.n, chunk):
+        _check(should_stop, start, rows.n)
         stop = min(start + chunk, rows.n)
         block = matrix[start:stop]
         if half:
@@ -188,7 +204,7 @@ BF16_ERROR = 0.008
 
 
 def _top_rows_bf16(
-    rows: Rows, probes: np.ndarray, k: int, chunk_bytes: int
+    rows: Rows, probes: np.ndarray, k: int, chunk_bytes: int, should_stop: StopCheck = None
 ) -> tuple[np.ndarray, np.ndarray]:
     q, dim = probes.shape
     matrix = rows.matrix
@@ -198,6 +214,7 @@ def _top_rows_bf16(
     cand_p, cand_r, cand_s = [], [], []
     dead = rows.dead
     for start in range(0, rows.n, chunk):
+        _check(should_stop, start, rows.n)
         stop = min(start + chunk, rows.n)
         block = torch.from_numpy(matrix[start:stop]).bfloat16()
         scores = (probes_b @ block.T).float()
@@ -387,30 +404,42 @@ class ExactIndex:
     # -- search --------------------------------------------------------------------------
 
     def search(
-        self, probes: np.ndarray, k: int, min_score: float | None, scoring: str = "max"
+        self,
+        probes: np.ndarray,
+        k: int,
+        min_score: float | None,
+        scoring: str = "max",
+        should_stop: StopCheck = None,
     ) -> tuple[list[list[Hit]], int]:
-        """Top-k identities per probe (unit float32 rows) and the identity count searched."""
+        """Top-k identities per probe (unit float32 rows) and the identity count searched.
+        `should_stop` is asked between chunks (Stopped when it says so)."""
         probes = np.ascontiguousarray(probes, dtype=np.float32)
         if scoring == "mean":
             snap = self._ensure_templates()
-            return self._search_mean(snap, probes, k, min_score), snap.templates.alive
+            found = self._search_mean(snap, probes, k, min_score, should_stop)
+            return found, snap.templates.alive
         snap = self._snapshot
-        return self._search_max(snap, probes, k, min_score), snap.identities
+        return self._search_max(snap, probes, k, min_score, should_stop), snap.identities
 
     def _candidates(
-        self, snap: Snapshot, probes: np.ndarray, want: int
+        self, snap: Snapshot, probes: np.ndarray, want: int, should_stop: StopCheck = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        return top_rows(snap.samples, probes, want, self.chunk_bytes)
+        return top_rows(snap.samples, probes, want, self.chunk_bytes, should_stop)
 
     def _search_max(
-        self, snap: Snapshot, probes: np.ndarray, k: int, min_score: float | None
+        self,
+        snap: Snapshot,
+        probes: np.ndarray,
+        k: int,
+        min_score: float | None,
+        should_stop: StopCheck = None,
     ) -> list[list[Hit]]:
         samples = snap.samples
         results: list[list[Hit] | None] = [None] * len(probes)
         pending = np.arange(len(probes))
         want = min(samples.alive, k * _OVERFETCH)
         while len(pending):
-            scores, rows = self._candidates(snap, probes[pending], want)
+            scores, rows = self._candidates(snap, probes[pending], want, should_stop)
             retry = []
             for j, p in enumerate(pending):
                 hits, complete = _max_hits(snap, scores[j], rows[j], k, min_score)
@@ -425,11 +454,16 @@ class ExactIndex:
         return results  # type: ignore[return-value]
 
     def _search_mean(
-        self, snap: Snapshot, probes: np.ndarray, k: int, min_score: float | None
+        self,
+        snap: Snapshot,
+        probes: np.ndarray,
+        k: int,
+        min_score: float | None,
+        should_stop: StopCheck = None,
     ) -> list[list[Hit]]:
         templates = snap.templates
         assert templates is not None
-        scores, rows = top_rows(templates, probes, k, self.chunk_bytes)
+        scores, rows = top_rows(templates, probes, k, self.chunk_bytes, should_stop)
         samples = snap.samples
         out = []
         for j in range(len(probes)):
@@ -550,9 +584,10 @@ class HnswIndex(ExactIndex):
         self._graph = graph
 
     def _candidates(
-        self, snap: Snapshot, probes: np.ndarray, want: int
+        self, snap: Snapshot, probes: np.ndarray, want: int, should_stop: StopCheck = None
     ) -> tuple[np.ndarray, np.ndarray]:
         # Called with _graph_lock held, so the graph holds exactly the snapshot's rows.
+        _check(should_stop, 0, snap.samples.n)
         dead = snap.samples.dead
         fetch = min(snap.samples.n, want + len(dead))
         if fetch == 0:
@@ -568,15 +603,20 @@ class HnswIndex(ExactIndex):
         return scores, rows
 
     def search(
-        self, probes: np.ndarray, k: int, min_score: float | None, scoring: str = "max"
+        self,
+        probes: np.ndarray,
+        k: int,
+        min_score: float | None,
+        scoring: str = "max",
+        should_stop: StopCheck = None,
     ) -> tuple[list[list[Hit]], int]:
         if scoring == "max":
             probes = np.ascontiguousarray(probes, dtype=np.float32)
             # The graph and the snapshot must describe the same rows for the whole search.
             with self._graph_lock:
                 snap = self._snapshot
-                return self._search_max(snap, probes, k, min_score), snap.identities
-        return super().search(probes, k, min_score, scoring)
+                return self._search_max(snap, probes, k, min_score, should_stop), snap.identities
+        return super().search(probes, k, min_score, scoring, should_stop)
 
 
 def create_index(

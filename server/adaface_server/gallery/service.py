@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +30,7 @@ from ..preprocess.detect import DetectParams
 from . import changelog
 from . import store as db
 from .changelog import Follower, LiveGallery, Replica
-from .index import Change, ExactIndex, create_index
+from .index import Change, ExactIndex, Stopped, create_index
 from .records import (
     EnrollResult,
     GalleryView,
@@ -176,6 +179,25 @@ class GalleryService:
 
     async def _read(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._reads, fn, *args)
+
+    async def _read_until_stopped(self, fn, *args):
+        """`fn(*args, should_stop=...)` in the read pool. When the caller is cancelled (it
+        left, its deadline passed, the server is stopping), the computation is told to stop
+        at its next chunk and awaited until it has, so a thread and its memory are never
+        held by work nobody will receive."""
+        stop = threading.Event()
+        call = functools.partial(fn, *args, should_stop=stop.is_set)
+        future = asyncio.get_running_loop().run_in_executor(self._reads, call)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            stop.set()
+            while not future.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([future])
+            if not future.cancelled() and isinstance(future.exception(), Stopped):
+                log.info("%s", future.exception())
+            raise
 
     def _served(self) -> tuple[str, str]:
         info = self.embedding.info()  # UNAVAILABLE while the model loads
@@ -521,7 +543,9 @@ class GalleryService:
         searched = g.index.snapshot.identities
         if good:
             matrix = np.stack([outcomes[i].vector for i in good])
-            hits, searched = await self._read(g.index.search, matrix, k, min_score, scoring)
+            hits, searched = await self._read_until_stopped(
+                g.index.search, matrix, k, min_score, scoring
+            )
             for i, h in zip(good, hits, strict=True):
                 results[i] = ProbeOutcome(hits=h)
         return results, searched
@@ -642,7 +666,7 @@ class GalleryService:
             parsed = await self._read(parse_seed_pth, data, name, model_checksum)
             parsed.model_name = served_name
         else:
-            parsed = await self._read(parse_native, data)
+            parsed = await self._read_until_stopped(parse_native, data)
             parsed.name = name or parsed.name
         check_name(parsed.name, "header.name")
         await self._sync()

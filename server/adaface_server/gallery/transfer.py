@@ -8,14 +8,14 @@ import json
 import math
 import sqlite3
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import Cancelled, InvalidArgument
 from . import store as db
-from .index import Change
+from .index import Change, Stopped
 
 MAGIC = b"ADAFACE-GALLERY 1\n"
 CHUNK_BYTES = 1 << 20
@@ -94,8 +94,15 @@ def _line(obj: dict) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
-def parse_native(data: bytes | bytearray | memoryview) -> TransferGallery:
-    """Parses an export file; a truncated or inconsistent file raises InvalidArgument."""
+#: How many identity records an import parses between asking whether to stop.
+STOP_CHECK_RECORDS = 1024
+
+
+def parse_native(
+    data: bytes | bytearray | memoryview, should_stop: Callable[[], bool] | None = None
+) -> TransferGallery:
+    """Parses an export file; a truncated or inconsistent file raises InvalidArgument.
+    `should_stop` is asked every STOP_CHECK_RECORDS identities (Stopped when it says so)."""
     view = memoryview(data)
     if len(view) < len(MAGIC) and bytes(view) == MAGIC[: len(view)]:
         raise _ended_early(len(view))
@@ -134,6 +141,9 @@ def parse_native(data: bytes | bytearray | memoryview) -> TransferGallery:
         raise InvalidArgument(f"import: header.dim must be 1..65536, got {dim}")
     while True:
         start = pos
+        checkpoint = len(gallery.identities) % STOP_CHECK_RECORDS == 0
+        if checkpoint and should_stop is not None and should_stop():
+            raise Stopped(f"import stopped at byte {pos} of {len(view)}")
         record = read_line()
         if record.get("end"):
             if record.get("identities") != len(gallery.identities) or record.get("samples") != sum(
