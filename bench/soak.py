@@ -17,8 +17,11 @@ randomly initialised ir_18 exported into a temporary repository. Phases (--phase
             and no acknowledged write lost.
   hostile   a server with tokens and --stream-idle-seconds 2: concurrent token-less 30 MiB
             bodies (UNAUTHENTICATED, never read), 64 oversized "aligned" PNGs in one request
-            (NOT_ALIGNED from their headers), two idle BuildEpoch streams (DEADLINE_EXCEEDED)
-            beside a complete build that must get a slot.
+            (NOT_ALIGNED from their headers, every error within the 8 KiB trailer), two idle
+            BuildEpoch streams (DEADLINE_EXCEEDED) beside a complete build that must get a
+            slot; then clients killed with SIGKILL holding an open Import of a whole export
+            file (nothing committed, logged CANCELLED) or in the middle of a long BuildEpoch
+            (its kNN stops; latency = kill to the server's "stopped" line).
 
 Prints one markdown table (requests, OK, errors by code, p50/p99 latency of successful calls,
 RSS before/peak/after) plus the first message seen per error code; --out writes it to a file.
@@ -832,8 +835,8 @@ async def hostile_round(address: str) -> tuple[Tally, str]:
 
     tally = Tally()
     token = (("authorization", f"Bearer {HOSTILE_TOKEN}"),)
-    # The all-failed answer carries 64 per-image errors in a trailer over the 8 KiB default.
-    options = [("grpc.max_send_message_length", 64 * MiB), ("grpc.max_metadata_size", 1 * MiB)]
+    # gRPC's default 8 KiB metadata limit stays: the 64 per-image errors must fit in it.
+    options = [("grpc.max_send_message_length", 64 * MiB)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         embed = embedder_pb2_grpc.EmbedderStub(channel).Embed
         body = embedder_pb2.EmbedRequest(
@@ -894,19 +897,125 @@ async def hostile_round(address: str) -> tuple[Tally, str]:
     return tally, "; ".join(f"{rpc}: {codes}" for rpc, codes in by.items())
 
 
+# A client that opens an upload or a build, never half-closes it and waits to be killed:
+# argv = address, token, "import" NAME FILE | "build" IDENTITIES.
+DYING_CLIENT = """
+import sys, threading
+import grpc
+import numpy as np
+from adaface.v1 import gallery_pb2, gallery_pb2_grpc, sampling_pb2, sampling_pb2_grpc
+
+address, token, mode = sys.argv[1:4]
+forever = threading.Event()
+metadata = (("authorization", "Bearer " + token),)
+channel = grpc.insecure_channel(address)
+
+def held(messages):
+    yield from messages
+    forever.wait()
+
+if mode == "import":
+    name, path = sys.argv[4:6]
+    header = gallery_pb2.ImportRequest(header=gallery_pb2.ImportHeader(name=name, format=1))
+    data = gallery_pb2.ImportRequest(data=open(path, "rb").read())
+    call = gallery_pb2_grpc.GalleryStub(channel).Import.future(held([header, data]),
+                                                                metadata=metadata)
+    forever.wait(1.0)  # the whole file is on the wire and read by now
+else:
+    x = np.random.default_rng(3).standard_normal((int(sys.argv[4]), 8)).astype("<f4")
+    request = sampling_pb2.BuildEpochRequest(
+        options=sampling_pb2.SamplingOptions(batch_size=32, num_instance=2),
+        identities=[sampling_pb2.IdentityRecord(sample_count=1, vector=v.tobytes()) for v in x])
+    replies = sampling_pb2_grpc.SamplingStub(channel).BuildEpoch(iter([request]),
+                                                                 metadata=metadata)
+    threading.Thread(target=lambda: list(replies), daemon=True).start()
+print("ready", flush=True)
+forever.wait()
+"""
+BUILD_STARTED = "kNN over {n} identities started"
+BUILD_STOPPED = "stopped, its caller is gone"
+
+
+def dying_client(*argv: str) -> subprocess.Popen:
+    client = subprocess.Popen([sys.executable, "-c", DYING_CLIENT, *argv], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert client.stdout is not None and client.stdout.readline().strip() == "ready"
+    return client
+
+
+def wait_for_log(log: Path, text: str, since: int, timeout: float) -> bool:
+    """Whether `text` appears in `log` after byte `since` within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_bytes()[since:].decode(errors="replace"):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def dead_clients(server: Server, tally: Tally, rounds: int = 5, identities: int = 80_000) -> str:
+    """Clients killed with SIGKILL: one holding an open Import of a whole export file (must
+    commit nothing, logged CANCELLED), one in the middle of a long BuildEpoch (its kNN must
+    stop: the time from the kill to the server's "stopped" line is the latency)."""
+    token = (("authorization", f"Bearer {HOSTILE_TOKEN}"),)
+    with grpc.insecure_channel(server.address) as channel:
+        gallery = gallery_pb2_grpc.GalleryStub(channel)
+        gallery.CreateGallery(gallery_pb2.CreateGalleryRequest(name="src"), metadata=token)
+        for i in range(3):
+            gallery.Enroll(gallery_pb2.EnrollRequest(gallery="src", identity=f"p{i}",
+                           samples=[vector_sample(i)]), metadata=token)  # fmt: skip
+        data = b"".join(c.data for c in gallery.Export(gallery_pb2.ExportRequest(name="src"),
+                                                       metadata=token))  # fmt: skip
+        export = server.log.with_suffix(".export")
+        export.write_bytes(data)
+        for i in range(rounds):
+            since = server.log.stat().st_size
+            client = dying_client(server.address, HOSTILE_TOKEN, "import", f"dead-{i}",
+                                  str(export))  # fmt: skip
+            started = time.perf_counter()
+            client.kill()
+            client.wait()
+            logged = wait_for_log(server.log, "Gallery/Import CANCELLED", since, 10)
+            try:
+                gallery.GetGallery(gallery_pb2.GetGalleryRequest(name=f"dead-{i}"),
+                                   metadata=token, timeout=10)  # fmt: skip
+                code, details = "COMMITTED", "a killed client's Import was committed"
+            except grpc.RpcError as exc:
+                code = "CANCELLED" if exc.code() == grpc.StatusCode.NOT_FOUND else exc.code().name
+                details = "nothing written" + ("" if logged else "; NOT logged CANCELLED")
+                code = code if logged else "LOGGED_OK"
+            tally.record("Import (client killed)", code, time.perf_counter() - started, details)
+    stops = []
+    for _ in range(rounds):
+        since = server.log.stat().st_size
+        client = dying_client(server.address, HOSTILE_TOKEN, "build", str(identities))
+        wait_for_log(server.log, BUILD_STARTED.format(n=identities), since, 60)
+        started = time.perf_counter()
+        client.kill()
+        client.wait()
+        stopped = wait_for_log(server.log, BUILD_STOPPED, since, 60)
+        stops.append(time.perf_counter() - started)
+        tally.record("BuildEpoch (client killed)", "CANCELLED" if stopped else "KEPT_RUNNING",
+                     stops[-1], "kNN stopped after the kill")  # fmt: skip
+    return f"killed clients' builds stopped {max(stops):.2f} s after the kill at most"
+
+
 def phase_hostile(repository: Path, work: Path, args: argparse.Namespace) -> PhaseRow:
     tokens = work / "hostile.tokens"
     tokens.write_text(HOSTILE_TOKEN + "\n")
     server = Server(
         repository, work / "hostile.db", work / "hostile.log",
         "--auth-tokens-file", str(tokens), "--stream-idle-seconds", "2",
-        "--sampling-max-builds", "2",
+        "--sampling-max-builds", "2", "--sampling-knn-block", "64", "--log-level", "INFO",
     )  # fmt: skip
     with server.start():
         settle(args.settle)
         before = server.rss()
         with RssSampler(server.pid) as sampler:
             tally, summary = asyncio.run(hostile_round(server.address))
+            stopped = dead_clients(server, tally)
+            by = {rpc: dict(codes) for rpc, codes in tally.by_rpc.items()}
+            summary = "; ".join([*(f"{rpc}: {codes}" for rpc, codes in by.items()), stopped])
         settle(args.settle)
         after = server.rss()
     return PhaseRow("hostile callers", tally, (before, sampler.peak, after), summary)
