@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from adaface.v1 import (
     common_pb2,
@@ -39,7 +40,9 @@ from adaface.v1 import (
     sampling_pb2_grpc,
 )
 
+from ..unit.test_decode import png_bomb
 from .fuzz_cases import (
+    CROP,
     INT32,
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
@@ -374,6 +377,56 @@ def judge_embed(case: EmbedCase, answer: Answer) -> None:
 def test_embed(stubs: Stubs, watchdog: Watchdog, case: EmbedCase) -> None:
     watchdog.tick()
     judge_embed(case, call(stubs.embedder.Embed, case.request))
+
+
+@fuzz(60)
+@given(
+    width=st.integers(1, 1 << 20),
+    height=st.integers(1, 1 << 20),
+    count=st.integers(1, MAX_IMAGES),
+    bad_index=st.integers(0, MAX_IMAGES - 1),
+)
+def test_aligned_images_are_judged_by_their_header(
+    stubs: Stubs, watchdog: Watchdog, width: int, height: int, count: int, bad_index: int
+) -> None:
+    """ALIGNMENT_ALIGNED images of any claimed size are refused from their headers (a PNG
+    that only claims its size holds no pixels: decoding it first would fail differently), and
+    the all-failed answer, up to MAX_IMAGES errors, fits in the default 8 KiB trailer. One of them,
+    when the count allows, is a real 112x112 crop that must embed."""
+    watchdog.tick()
+    claimed = common_pb2.ImageInput(
+        encoded=png_bomb(width, height), alignment=common_pb2.ALIGNMENT_ALIGNED
+    )
+    good = bad_index < count and count > 1
+    images = [claimed] * count
+    if good:
+        crop = Image.new("RGB", (CROP, CROP), (90, 120, 150))
+        buffer = io.BytesIO()
+        crop.save(buffer, format="PNG")
+        images[bad_index] = common_pb2.ImageInput(
+            encoded=buffer.getvalue(), alignment=common_pb2.ALIGNMENT_ALIGNED
+        )
+    answer = call(stubs.embedder.Embed, embedder_pb2.EmbedRequest(images=images))
+    if (width, height) == (CROP, CROP):
+        expect(answer)  # a claimed 112x112 with no pixels fails at decode: defined, that's all
+        return
+    too_big = width * height > MAX_IMAGE_PIXELS
+    reason = "TOO_MANY_PIXELS" if too_big else "NOT_ALIGNED"
+    if good:
+        expect(answer, code=Code.OK)
+        results = answer.response.results
+    else:
+        expect(answer, code=Code.INVALID_ARGUMENT)
+        trailer = dict(answer.trailing)[FAILED_RESPONSE_KEY]
+        results = embedder_pb2.EmbedResponse.FromString(trailer).results
+    assert len(results) == count
+    for i, result in enumerate(results):
+        if good and i == bad_index:
+            check_embedding(result.embedding, f"images[{i}]")
+            continue
+        assert reason_name(result.error) == reason, (i, result)
+        if not too_big:
+            assert f"{width}x{height}" in result.error.message, result.error.message
 
 
 @st.composite
