@@ -12,8 +12,9 @@ parent owns while it is SERVING, and reports SERVING itself only when every expe
 has one; the parent removes the marker of a worker that died. Whichever worker a health
 check reaches therefore answers for all of them.
 
-Galleries are opened by each worker; until galleries are shared through a store every
-process can open, only one process can hold a gallery file, so run galleries with one worker.
+Galleries are opened by each worker and shared through the store and its change log
+(gallery/changelog.py); sampling build slots are shared through lock files in the state
+folder (sampling/slots.py).
 """
 
 from __future__ import annotations

@@ -268,3 +268,75 @@ def test_workers_share_galleries_the_http_port_and_a_guarded_metrics_port(
         assert wanted in text, text
     finally:
         group.stop()
+
+
+def test_the_sampling_build_limit_holds_across_workers(ir18_repository, tmp_path):
+    """--sampling-max-builds 1 with 2 workers: while one worker runs a long build, a build
+    sent to either worker is refused; once it ends, a build runs again."""
+    from adaface.v1 import sampling_pb2, sampling_pb2_grpc
+
+    from .test_build_cancellation import OPTIONS, long_build
+
+    repository, model = ir18_repository
+    group = Workers(
+        repository,
+        model,
+        tmp_path,
+        extra=("--sampling-max-builds", "1", "--sampling-knn-block", "64"),
+    )
+    small = sampling_pb2.BuildEpochRequest(
+        options=OPTIONS,
+        identities=[
+            sampling_pb2.IdentityRecord(sample_count=2, vector=v.astype("<f4").tobytes())
+            for v in unit_vectors(40, seed=3, dim=8)
+        ],
+    )
+
+    def build(channel: grpc.Channel, request, timeout: float = 60) -> list:
+        return list(
+            sampling_pb2_grpc.SamplingStub(channel).BuildEpoch(iter([request]), timeout=timeout)
+        )
+
+    try:
+        wait_serving(group.address, group.proc, group.log, timeout=300)
+        # Channels of one process share connections unless each keeps its own pool.
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        holder = grpc.insecure_channel(group.address, options=own)
+        long_call = sampling_pb2_grpc.SamplingStub(holder).BuildEpoch(
+            iter(long_build(80_000)), timeout=300
+        )
+        deadline = time.monotonic() + 120
+        while "kNN over 80000 identities started" not in group.text():
+            assert time.monotonic() < deadline, group.text()[-3000:]
+            time.sleep(0.05)
+        refused_by: set[int] = set()
+        for _ in range(200):
+            with grpc.insecure_channel(group.address, options=own) as channel:  # a new connection
+                pid = (
+                    embedder_pb2_grpc.EmbedderStub(channel)
+                    .Info(embedder_pb2.InfoRequest(), timeout=30)
+                    .worker_pid
+                )
+                with pytest.raises(grpc.RpcError) as err:
+                    build(channel, small)
+            assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+            assert "across the server's workers" in err.value.details()
+            refused_by.add(pid)
+            if len(refused_by) == 2:
+                break
+        assert len(refused_by) == 2, "every fresh connection reached the same worker"
+        long_call.cancel()
+        holder.close()
+        deadline = time.monotonic() + 120
+        while True:  # the slot is free once the cancelled kNN has really stopped
+            with grpc.insecure_channel(group.address) as channel:
+                try:
+                    replies = build(channel, small)
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+            assert time.monotonic() < deadline, "the slot was never given back"
+            time.sleep(0.2)
+        assert replies[0].WhichOneof("part") == "header"
+    finally:
+        group.stop()

@@ -11,16 +11,18 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ..config import Settings
 from ..embedding import EmbeddingService
-from ..errors import InvalidArgument, ResourceExhausted
+from ..errors import InvalidArgument
 from ..preprocess.pipeline import ImageItem
 from .index import EpochPlan, plan_epoch
 from .knn import Stopped
 from .neighbours import neighbours, resolve
+from .slots import BuildSlots
 
 log = logging.getLogger(__name__)
 
@@ -181,23 +183,20 @@ class SamplingService:
         self._workers = ThreadPoolExecutor(
             max_workers=settings.sampling_max_builds, thread_name_prefix="sampling"
         )
-        self._running = 0
+        folder = Path(settings.worker_state_dir) if settings.worker_state_dir else None
+        self.slots = BuildSlots(settings.sampling_max_builds, folder)
         self.knn = resolve(settings)
         self._stops: set[threading.Event] = set()  # one per computation in the pool
 
-    @contextlib.contextmanager
-    def build_slot(self) -> Iterator[None]:
-        """Refuses at once rather than queueing when every build slot is taken."""
-        limit = self.settings.sampling_max_builds
-        if self._running >= limit:
-            raise ResourceExhausted(
-                f"sampling: {limit} index builds already running (sampling_max_builds); retry later"
-            )
-        self._running += 1
-        try:
-            yield
-        finally:
-            self._running -= 1
+    @property
+    def _running(self) -> int:
+        """Builds running in this process."""
+        return self.slots.running
+
+    def build_slot(self) -> contextlib.AbstractContextManager[None]:
+        """Refuses at once rather than queueing when every build slot is taken (across the
+        workers of a --workers N server)."""
+        return self.slots.take()
 
     def table(self, options: SamplingOptions) -> PrototypeTable:
         return PrototypeTable(options, self.settings.sampling_max_identities)
