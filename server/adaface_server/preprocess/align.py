@@ -7,10 +7,13 @@ Two fits share one cv2-exact warp: AdaFace's (``align_face``, bit-compatible wit
 
 from __future__ import annotations
 
+import logging
 from enum import Enum
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ADAFACE_TEMPLATE_112",
@@ -26,6 +29,7 @@ __all__ = [
     "parse_landmarks",
     "umeyama_similarity",
     "warp_affine",
+    "warp_affine_numpy",
 ]
 
 CROP_SIZE = (112, 112)
@@ -255,6 +259,74 @@ def _invert_affine(m: np.ndarray) -> tuple[float, ...]:
 
 
 def warp_affine(
+    image: np.ndarray, matrix: ArrayLike, size: tuple[int, int] = CROP_SIZE
+) -> np.ndarray:
+    """``cv2.warpAffine(image, matrix, size)`` (INTER_LINEAR, constant 0 border), what upstream
+    AdaFace calls: OpenCV's own when it is installed and proved identical to
+    :func:`warp_affine_numpy` on a probe set at first use (about 35x faster: 35 us vs 1.2 ms
+    a 112x112 crop), the numpy port otherwise. Same arguments and output as the port."""
+    cv2 = _opencv()
+    img = np.asarray(image)
+    if (
+        cv2 is None
+        or img.dtype != np.uint8
+        or img.ndim not in (2, 3)
+        or max(img.shape[:2], default=0) >= _CV2_MAX_SIDE
+        or min(img.shape[:2], default=0) < 1
+    ):
+        return warp_affine_numpy(image, matrix, size)
+    m = np.asarray(matrix, dtype=np.float64)
+    width, height = (int(v) for v in size)
+    if m.shape != (2, 3) or width < 1 or height < 1:
+        return warp_affine_numpy(image, matrix, size)  # raises the port's ValueError
+    out = cv2.warpAffine(np.ascontiguousarray(img), m, (width, height))
+    return out.reshape((height, width, *img.shape[2:]))
+
+
+#: OpenCV keeps warp coordinates in int16 (SHRT_MAX); larger images go to the numpy port,
+#: which reproduces that clipping only for what it computes itself.
+_CV2_MAX_SIDE = 32767
+_cv2_state: list[object] = []  # [module or None] once decided
+
+
+def _opencv():
+    """cv2 when importable and bit-identical to the numpy port on the probe set; else None.
+
+    OpenCV 5 changed warpAffine's arithmetic (crops differ by up to 5 levels from 4.x and from
+    upstream's references), so a version that disagrees is never used, whatever is installed.
+    """
+    if _cv2_state:
+        return _cv2_state[0]
+    try:
+        import cv2
+    except ImportError:
+        _cv2_state.append(None)
+        return None
+    cv2.setNumThreads(1)  # 112x112 warps gain nothing from threads; ours run in a pool
+    rng = np.random.default_rng(20240229)
+    image = rng.integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    for i in range(64):
+        # Faces of any size and place, some partly outside, every fourth mirrored (a
+        # reflective fit), landmarks off the template by a few pixels.
+        points = ADAFACE_TEMPLATE_112 * rng.uniform(0.3, 1.2) + rng.uniform(-10.0, 60.0, 2)
+        points = points + rng.normal(0.0, 2.0, points.shape)
+        if i % 4 == 0:
+            points[:, 0] = 80.0 - points[:, 0]
+        m = adaface_similarity(points)
+        got = cv2.warpAffine(image, m, CROP_SIZE)
+        if not np.array_equal(got, warp_affine_numpy(image, m, CROP_SIZE)):
+            log.warning(
+                "OpenCV %s warpAffine differs from upstream's arithmetic (OpenCV 4.x): "
+                "aligning with the numpy port instead (about 35x slower per crop)",
+                cv2.__version__,
+            )
+            _cv2_state.append(None)
+            return None
+    _cv2_state.append(cv2)
+    return cv2
+
+
+def warp_affine_numpy(
     image: np.ndarray, matrix: ArrayLike, size: tuple[int, int] = CROP_SIZE
 ) -> np.ndarray:
     """Warp like ``cv2.warpAffine(image, matrix, size)`` (INTER_LINEAR, constant 0 border).
