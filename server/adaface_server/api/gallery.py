@@ -294,12 +294,10 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServicer):
                 raise InvalidArgument("header: only the first message may carry the header")
         if header is None:
             raise InvalidArgument("header: the stream was empty")
-        view = await self._service.import_gallery(
-            header.name,
-            _enum(_FORMATS, header.format, "header.format"),
-            header.model_checksum,
-            data,
-        )
+        fmt = _enum(_FORMATS, header.format, "header.format")
+        if not data:
+            raise InvalidArgument("data: the stream carried no file after its header")
+        view = await self._service.import_gallery(header.name, fmt, header.model_checksum, data)
         return gallery_info(view)
 
 
