@@ -20,7 +20,6 @@ from .podman import (
     SERVER_IMAGE,
     Podman,
     debian_closure,
-    debian_packages,
     dockerfile_base,
     wheelhouse,
     which_all,
@@ -77,7 +76,17 @@ def triton_image(podman: Podman, server_image: str, tmp_path_factory) -> str:
         ignore=shutil.ignore_patterns("__pycache__", "caches"),
     )
     shutil.copytree(server_dir.parent.parent / "nvidia_pytriton.libs", context / "lib")
-    shutil.copytree(debian_packages(["libpython3.11"]), context / "debs")
+    # libpython3.11 resolved against the server image's own packages: the host's apt may
+    # offer a newer (security) build whose siblings (libpython3.11-stdlib, python3.11, ...)
+    # must then come along, or dpkg refuses the mismatch.
+    status = podman(
+        "run", "--rm", "--network", "none", "--entrypoint", "cat", server_image,
+        "/var/lib/dpkg/status",
+    )  # fmt: skip
+    debs = debian_closure(["libpython3.11"], status.stdout, CACHE / "debs-triton")
+    (context / "debs").mkdir()
+    for deb in debs.glob("*.deb"):
+        shutil.copy2(deb, context / "debs" / deb.name)
     dockerfile = Path(__file__).parent / "triton" / "Dockerfile"
     podman.build(TRITON_TEST_IMAGE, dockerfile, context, build_args={"BASE": server_image})
     return TRITON_TEST_IMAGE

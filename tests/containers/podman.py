@@ -229,23 +229,6 @@ def wheelhouse(dest: Path = CACHE / "wheelhouse") -> Path:
     return dest
 
 
-def debian_packages(names: list[str], dest: Path = CACHE / "debs") -> Path:
-    """Debian packages downloaded on the host (same mirror as the base), for offline installs."""
-    dest.mkdir(parents=True, exist_ok=True)
-    missing = [name for name in names if not list(dest.glob(f"{name}_*.deb"))]
-    for attempt in range(2) if missing else ():
-        result = subprocess.run(
-            ["apt-get", "download", *missing], cwd=dest, capture_output=True, text=True,
-            timeout=300,
-        )  # fmt: skip
-        if result.returncode == 0:
-            break
-        if attempt:
-            raise RuntimeError(f"apt-get download {missing}: {result.stderr[-2000:]}")
-        _run(["apt-get", "update", "-q"], timeout=600)  # no package lists yet
-    return dest
-
-
 def debian_closure(names: list[str], status: str, dest: Path) -> Path:
     """`names` and every dependency a system with dpkg status `status` lacks, as .deb files.
 
