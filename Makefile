@@ -68,7 +68,7 @@ postgres-server:
 # Debian packages it needs when missing; the base rootfs, wheels and images stay cached in
 # .cache/containers/ (delete it to start from nothing).
 CONTAINER_PACKAGES ?= podman buildah debootstrap fuse-overlayfs slirp4netns uidmap runc \
-	netavark aardvark-dns
+	netavark aardvark-dns iptables
 
 test-containers: venv
 	@dpkg -s $(CONTAINER_PACKAGES) >/dev/null 2>&1 || { apt-get update -q && \
