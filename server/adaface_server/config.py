@@ -265,8 +265,8 @@ class Settings:
         default="1",
         metadata={
             "help": "server processes sharing the port under a supervising parent: N or auto "
-            "(one per core on CPU, at most 8; up to 4 with CUDA); galleries need 1 until "
-            "they are shared"
+            "(one per 8 cores on CPU, 1 to 8; up to 4 with CUDA); galleries are shared "
+            "through the store"
         },
     )
     reuse_port: bool = field(

@@ -45,18 +45,23 @@ QUICK_DEATH_SECONDS = 5.0
 MAX_BACKOFF_SECONDS = 30.0
 #: Extra time over --grace-seconds for workers to close before the parent kills them.
 STOP_MARGIN_SECONDS = 10.0
-#: Worker processes per machine for --workers auto. CPU: one single-threaded worker per core
-#: (up to CPU_AUTO_MAX_WORKERS); on a 2-core EPYC shared with other jobs, 2 workers x 1
-#: intra-op thread served 5x what 1 worker x 2 threads did (make bench, bench_hardware.py):
-#: single-threaded processes lose far less to interference. GPU: one Python process is the
-#: bottleneck and four processes gave 3.3x one (notes: H200, 16 cores).
+#: Worker processes per machine for --workers auto. CPU: one worker per 8 cores, each with
+#: its share of the cores as intra-op threads. On a quiet 2-core Xeon with AMX, 2 workers x 1
+#: thread served 0.63-0.70x what 1 worker x 2 threads did (bench_hardware.py, IR-50, bf16):
+#: the model wants the cores; only on a 2-core EPYC shared with ~7 other jobs did
+#: single-threaded workers win (5x), as they lose less to interference. 8 cores a worker is
+#: a judgement for larger CPUs (not measured here): one Python process cannot feed dozens.
+#: GPU: one Python process is the bottleneck and four processes gave 3.3x one (notes: H200,
+#: 16 cores).
+CPU_CORES_PER_WORKER = 8
 CPU_AUTO_MAX_WORKERS = 8
 GPU_AUTO_WORKERS = 4
 GPU_CORES_PER_WORKER = 4
 
 
 def resolve_workers(setting: str, cores: int | None = None, cuda: bool | None = None) -> int:
-    """--workers N or auto: one per core on CPU (at most 8), up to 4 with CUDA (4 cores each)."""
+    """--workers N or auto: one per 8 cores on CPU (at least 1, at most 8), up to 4 with CUDA
+    (4 cores each)."""
     if setting != "auto":
         return int(setting)
     cores = cores or len(os.sched_getaffinity(0))
@@ -68,7 +73,7 @@ def resolve_workers(setting: str, cores: int | None = None, cuda: bool | None = 
         except ImportError:
             cuda = False
     if not cuda:
-        return max(1, min(CPU_AUTO_MAX_WORKERS, cores))
+        return max(1, min(CPU_AUTO_MAX_WORKERS, cores // CPU_CORES_PER_WORKER))
     return max(1, min(GPU_AUTO_WORKERS, cores // GPU_CORES_PER_WORKER))
 
 

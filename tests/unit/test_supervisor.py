@@ -12,9 +12,11 @@ def test_explicit_worker_counts_are_taken_as_given():
     assert resolve_workers("3", cores=2, cuda=False) == 3
 
 
-def test_auto_is_one_process_per_core_on_cpu_and_up_to_four_with_cuda():
-    assert resolve_workers("auto", cores=2, cuda=False) == 2
+def test_auto_is_one_process_per_8_cores_on_cpu_and_up_to_four_with_cuda():
+    assert resolve_workers("auto", cores=2, cuda=False) == 1
+    assert resolve_workers("auto", cores=16, cuda=False) == 2
     assert resolve_workers("auto", cores=64, cuda=False) == 8
+    assert resolve_workers("auto", cores=256, cuda=False) == 8
     assert resolve_workers("auto", cores=16, cuda=True) == 4
     assert resolve_workers("auto", cores=8, cuda=True) == 2
     assert resolve_workers("auto", cores=2, cuda=True) == 1
