@@ -129,7 +129,7 @@ class Rows:
         return pos[stored[pos] == keys[ok]]
 
 
-#: Asked between chunks of a long search: True once its caller has gone.
+#: Asked between chunks of a long search (stopping.py): True once its caller has gone.
 StopCheck = Callable[[], bool] | None
 
 

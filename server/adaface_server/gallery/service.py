@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import re
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +24,7 @@ from ..errors import (
     Unavailable,
 )
 from ..preprocess.detect import DetectParams
+from ..stopping import until_stopped
 from . import changelog
 from . import store as db
 from .changelog import Follower, LiveGallery, Replica
@@ -181,23 +179,16 @@ class GalleryService:
         return await asyncio.get_running_loop().run_in_executor(self._reads, fn, *args)
 
     async def _read_until_stopped(self, fn, *args):
-        """`fn(*args, should_stop=...)` in the read pool. When the caller is cancelled (it
-        left, its deadline passed, the server is stopping), the computation is told to stop
-        at its next chunk and awaited until it has, so a thread and its memory are never
-        held by work nobody will receive."""
-        stop = threading.Event()
-        call = functools.partial(fn, *args, should_stop=stop.is_set)
-        future = asyncio.get_running_loop().run_in_executor(self._reads, call)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            stop.set()
-            while not future.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([future])
-            if not future.cancelled() and isinstance(future.exception(), Stopped):
-                log.info("%s", future.exception())
-            raise
+        """`fn(*args, should_stop=...)` in the read pool, stopped when the caller is gone
+        (stopping.until_stopped); a search or import told to stop says where it stopped."""
+
+        def stopped(error: BaseException) -> None:
+            if isinstance(error, Stopped):
+                log.info("%s", error)
+
+        return await until_stopped(
+            self._reads, lambda should_stop: fn(*args, should_stop=should_stop), None, stopped
+        )
 
     def _served(self) -> tuple[str, str]:
         info = self.embedding.info()  # UNAVAILABLE while the model loads

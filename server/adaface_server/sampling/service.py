@@ -19,6 +19,7 @@ from ..config import Settings
 from ..embedding import EmbeddingService
 from ..errors import InvalidArgument
 from ..preprocess.pipeline import ImageItem
+from ..stopping import until_stopped
 from .index import EpochPlan, plan_epoch
 from .knn import Stopped
 from .neighbours import neighbours, resolve
@@ -212,28 +213,12 @@ class SamplingService:
         await loop.run_in_executor(self._workers, table.check)
         image_vectors = await images.finish()
         model = self.embedding.info().model_name if table.images else ""
-        plan = await self._until_stopped(self._plan, table, image_vectors)
+        plan = await until_stopped(
+            self._workers,
+            lambda should_stop: self._plan(table, image_vectors, should_stop),
+            self._stops,
+        )
         return EpochIndex(plan, self.knn.label, model)
-
-    async def _until_stopped(self, work: Callable, *args: object) -> EpochPlan:
-        """Runs `work(*args, should_stop)` in the pool. When the caller is cancelled (it
-        left, its deadline passed, the server is stopping), the work is told to stop and
-        awaited until it has: the build slot stays taken until the computation really ends."""
-        stop = threading.Event()
-        self._stops.add(stop)
-        future = asyncio.get_running_loop().run_in_executor(self._workers, work, *args, stop.is_set)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            stop.set()
-            while not future.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([future])
-            if not future.cancelled():
-                future.exception()  # Stopped (or an error) nobody is left to receive
-            raise
-        finally:
-            self._stops.discard(stop)
 
     def _plan(
         self,
