@@ -2,9 +2,11 @@
 
 Rows:
 - raw runtimes at one batch size (interleaved rounds, median): the exported TorchScript in
-  fp32, the same file under torch.autocast bf16 (what the server runs for bf16), and a
-  bf16 export (`adaface-export --precision bf16`); min cosine and max relative norm error
-  against fp32 on the exporter's verification batch;
+  fp32, the same file under torch.autocast bf16 (what the server runs for bf16), a
+  bf16 export (`adaface-export --precision bf16`) and, as a peer the server does not run,
+  the same weights under torch.compile (inductor, frozen) and autocast bf16 (--no-compile
+  leaves it out); min cosine and max relative norm error against fp32 on the exporter's
+  verification batch;
 - a real server subprocess at --precision fp32 and bf16 (4 clients x 8 aligned JPEG crops
   per call), and served bf16 / fastest raw bf16;
 - --workers 1 (all cores as intra-op threads) vs --workers 2 (cores / 2 each), at the
@@ -37,8 +39,37 @@ from adaface_server.backends.precision import ModelRunner, cpu_supports_bf16, pa
 from adaface_server.models.export import export_model, verification_batch
 
 
+def compiled_bf16(arch: str, seed: int = 0):
+    """The exported weights as an eager model under torch.compile (inductor, frozen weights)
+    and autocast bf16: the fastest CPU peer the issue measured. None when it cannot compile."""
+    from adaface_server.models.formats import get_format
+
+    fmt = get_format("adaface")
+    model = fmt.build(arch)
+    model.load_state_dict(fmt.random_weights(arch, seed), strict=True)
+    model = model.eval().to(memory_format=torch.channels_last)
+    torch._inductor.config.freezing = True
+    compiled = torch.compile(model)
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+            embeddings, norms = compiled(x)
+        embeddings = torch.nn.functional.normalize(embeddings.float(), dim=1)
+        return embeddings.numpy(), norms.float().numpy()
+
+    try:
+        started = time.perf_counter()
+        run(verification_batch(8).numpy())
+        print(f"torch.compile of {arch} took {time.perf_counter() - started:.0f} s")
+    except Exception as exc:  # no C++ compiler, an inductor gap: the row is left out
+        print(f"torch.compile peer unavailable: {type(exc).__name__}: {exc}"[:300])
+        return None
+    return run
+
+
 def raw_rows(repo: Path, names: dict[str, str], batch: int, threads: int, seconds: float,
-             rounds: int) -> list[tuple[str, float, float, float]]:  # fmt: skip
+             rounds: int, compile_peer=None) -> list[tuple[str, float, float, float]]:  # fmt: skip
     """(runtime, median img/s, min cosine vs fp32, max rel norm error) per runtime."""
     torch.set_num_threads(threads)
     cpu = torch.device("cpu")
@@ -55,6 +86,10 @@ def raw_rows(repo: Path, names: dict[str, str], batch: int, threads: int, second
             load(names["bf16"]), cpu, "fp32", batch
         ),
     }
+    if compile_peer is not None:
+        runners["torch.compile (inductor, frozen) under autocast bf16 (peer, not served)"] = (
+            compile_peer
+        )
     check = verification_batch(8).numpy()
     x = np.ascontiguousarray(np.resize(check, (batch, 3, 112, 112)))
     reference = runners["TorchScript fp32"](check)
@@ -105,6 +140,12 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add the torch.compile bf16 peer row (compiling takes a minute or two)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     cores = len(os.sched_getaffinity(0))
@@ -115,7 +156,9 @@ def main() -> int:
         names = {p: f"bench_{p}" for p in ("fp32", "bf16")}
         for precision, name in names.items():
             export_model(None, args.arch, repo, name, max_batch_size=batch, precision=precision)
-        raw = raw_rows(repo, names, batch, cores, args.seconds, args.rounds)
+        torch.set_num_threads(cores)
+        peer = compiled_bf16(args.arch) if args.compile else None
+        raw = raw_rows(repo, names, batch, cores, args.seconds, args.rounds, peer)
         fp32_raw = raw[0][1]
         print("\n## Raw runtimes (img/s, median of interleaved rounds)\n")
         print("| runtime | img/s | / fp32 | min cosine vs fp32 | max rel norm error |")
@@ -128,7 +171,7 @@ def main() -> int:
                       "--threads", threads)  # fmt: skip
         bf16 = served(repo, names["fp32"], batch, args.seconds, "--precision", "bf16",
                       "--threads", threads)  # fmt: skip
-        best_bf16_raw = max(rate for label, rate, *_ in raw[1:])
+        best_bf16_raw = max(rate for label, rate, *_ in raw[1:])  # peers included
         print("\n## Served (4 clients x 8 aligned 112x112 JPEG crops per call)\n")
         print("| server | img/s | / served fp32 | / fastest raw bf16 |")
         print("|---|---:|---:|---:|")
