@@ -1006,7 +1006,8 @@ def phase_hostile(repository: Path, work: Path, args: argparse.Namespace) -> Pha
     server = Server(
         repository, work / "hostile.db", work / "hostile.log",
         "--auth-tokens-file", str(tokens), "--stream-idle-seconds", "2",
-        "--sampling-max-builds", "2", "--sampling-knn-block", "64", "--log-level", "INFO",
+        "--sampling-max-builds", "2", "--sampling-knn-method", "tiles",
+        "--sampling-knn-block", "64", "--log-level", "INFO",
     )  # fmt: skip
     with server.start():
         settle(args.settle)

@@ -33,7 +33,12 @@ def test_a_build_stops_when_its_deadline_passes(ir18_repository, caplog):
     caplog.set_level(logging.INFO, logger="adaface_server.sampling.service")
     repository, model = ir18_repository
     settings = server_settings(
-        repository, model, sampling_knn_block=64, sampling_max_builds=1, max_message_bytes=8 << 20
+        repository,
+        model,
+        sampling_knn_method="tiles",  # 64-row tiles: slow on purpose (faiss would be quick)
+        sampling_knn_block=64,
+        sampling_max_builds=1,
+        max_message_bytes=8 << 20,
     )
     server = ServerThread(settings).start()
     try:
@@ -57,6 +62,7 @@ def test_a_build_stops_when_its_deadline_passes(ir18_repository, caplog):
 def test_sigterm_ends_the_process_during_a_build(ir18_repository, tmp_path, monkeypatch):
     repository, model = ir18_repository
     monkeypatch.setenv("ADAFACE_GRACE_SECONDS", "1")
+    monkeypatch.setenv("ADAFACE_SAMPLING_KNN_METHOD", "tiles")
     monkeypatch.setenv("ADAFACE_SAMPLING_KNN_BLOCK", "64")
     port = free_port()
     log = tmp_path / "server.log"

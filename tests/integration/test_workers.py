@@ -278,12 +278,8 @@ def test_the_sampling_build_limit_holds_across_workers(ir18_repository, tmp_path
     from .test_build_cancellation import OPTIONS, long_build
 
     repository, model = ir18_repository
-    group = Workers(
-        repository,
-        model,
-        tmp_path,
-        extra=("--sampling-max-builds", "1", "--sampling-knn-block", "64"),
-    )
+    slow = ("--sampling-knn-method", "tiles", "--sampling-knn-block", "64")  # a long kNN
+    group = Workers(repository, model, tmp_path, extra=("--sampling-max-builds", "1", *slow))
     small = sampling_pb2.BuildEpochRequest(
         options=OPTIONS,
         identities=[
