@@ -24,8 +24,8 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
-from ..errors import FailedPrecondition, Internal, ResourceExhausted, ServiceError, Unavailable
-from .store import Store
+from ..errors import Internal, ResourceExhausted, ServiceError, Unavailable
+from .store import Store, apply_schema
 
 log = logging.getLogger(__name__)
 
@@ -179,26 +179,14 @@ class PostgresStore(Store):
         conn.execute("BEGIN")
         try:
             conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            conn.execute(
+            apply_schema(
+                conn,
+                str(self.path),
+                _SCHEMA,
                 "INSERT INTO meta (key, value) VALUES ('schema_version', '1') "
-                "ON CONFLICT (key) DO NOTHING"
-            )
-            version = int(
-                conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-            )
-            if version > SCHEMA_VERSION:
-                raise FailedPrecondition(
-                    f"gallery store {self.path} has schema version {version}, newer than this "
-                    f"server knows ({SCHEMA_VERSION}); run a newer server"
-                )
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[target]:
-                    conn.execute(statement)
-                log.info("gallery store %s: schema migrated to version %d", self.path, target)
-            conn.execute(
-                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+                "ON CONFLICT (key) DO NOTHING",
+                _MIGRATIONS,
+                SCHEMA_VERSION,
             )
             conn.execute("COMMIT")
         except BaseException:

@@ -16,7 +16,7 @@ import resource
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -479,28 +479,45 @@ def migrate(conn: Any, where: str) -> None:
     processes start at once); refuses a store written by a newer server."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for statement in _SCHEMA.split(";"):
-            conn.execute(statement)
-        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1')")
-        version = int(
-            conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-        )
-        if version > SCHEMA_VERSION:
-            raise FailedPrecondition(
-                f"gallery store {where} has schema version {version}, newer than this "
-                f"server knows ({SCHEMA_VERSION}); run a newer server"
-            )
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in _MIGRATIONS[target]:
-                conn.execute(statement)
-            log.info("gallery store %s: schema migrated to version %d", where, target)
-        conn.execute(
-            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+        apply_schema(
+            conn,
+            where,
+            _SCHEMA.split(";"),
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1')",
+            _MIGRATIONS,
+            SCHEMA_VERSION,
         )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def apply_schema(
+    conn: Any,
+    where: str,
+    statements: Iterable[str],
+    insert_first_version: str,
+    migrations: dict[int, list[str]],
+    version: int,
+) -> None:
+    """Inside an open write transaction, for either store: creates the tables, records
+    version 1 for a new store, refuses a store newer than `version`, runs the migrations
+    after the stored version and records `version`."""
+    for statement in statements:
+        conn.execute(statement)
+    conn.execute(insert_first_version)
+    stored = int(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+    if stored > version:
+        raise FailedPrecondition(
+            f"gallery store {where} has schema version {stored}, newer than this "
+            f"server knows ({version}); run a newer server"
+        )
+    for target in range(stored + 1, version + 1):
+        for statement in migrations[target]:
+            conn.execute(statement)
+        log.info("gallery store %s: schema migrated to version %d", where, target)
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
 
 
 # -- SQL helpers (run inside a write op or on a reader connection) ------------------------
