@@ -273,6 +273,10 @@ def test_export_import_roundtrip(stub):
     err = rpc_error(stub.Import, upload("copy", data))
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS
     assert err.details() == "gallery 'copy' already exists"
+    # A header and no file at all is a malformed upload, named as such.
+    err = rpc_error(stub.Import, upload("empty", b""))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == "data: the stream carried no file after its header"
     # A file cut before its end record is an upload that never finished: CANCELLED.
     err = rpc_error(stub.Import, upload("cut", data[:-30]))
     assert err.code() == grpc.StatusCode.CANCELLED

@@ -3,47 +3,20 @@ for untrained weights, one clear error for a taken port; tests leave no temp fil
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from .gallery_support import REPO
+from .gallery_support import REPO, free_port, wait_serving
 from .server_harness import MTCNN_WEIGHTS
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serving(address: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "the first server exited early"
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise AssertionError(f"server on {address} not SERVING within {timeout}s")
 
 
 def test_second_server_on_the_same_ports_fails_with_one_clear_message(
     ir18_repository, tmp_path: Path
 ) -> None:
     repository, model = ir18_repository
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     # Both servers get the same flags, as two `make serve` runs with the defaults would.
     args = [
         sys.executable, "-m", "adaface_server", "--host", "127.0.0.1", "--port", str(port),
@@ -55,7 +28,7 @@ def test_second_server_on_the_same_ports_fails_with_one_clear_message(
     log = (tmp_path / "first.log").open("w+")
     first = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        _serving(f"127.0.0.1:{port}", first)
+        wait_serving(f"127.0.0.1:{port}", first, tmp_path / "first.log", timeout=180)
         second = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=180)
     finally:
         first.terminate()
