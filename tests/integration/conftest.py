@@ -9,7 +9,12 @@ import pytest
 from adaface_server.models.export import export_python_backend
 
 from .server_harness import ServerThread, server_settings
-from .triton_harness import TritonProcess, TritonUnavailable, find_tritonserver
+from .triton_harness import (
+    TritonProcess,
+    TritonUnavailable,
+    find_tritonserver,
+    missing_tritonserver,
+)
 
 #: Backends a module can run its embed_server tests on, with
 #: `pytestmark = pytest.mark.parametrize("embed_server", BACKENDS, indirect=True)`.
@@ -50,7 +55,7 @@ def triton(triton_repository, tmp_path_factory: pytest.TempPathFactory):
     try:
         install = find_tritonserver()
     except TritonUnavailable as exc:
-        pytest.skip(f"no tritonserver binary: {exc}")
+        missing_tritonserver(exc)
     log_path = tmp_path_factory.mktemp("triton_logs") / "tritonserver.log"
     process = TritonProcess(triton_repository, log_path, install).start()
     yield process

@@ -304,12 +304,17 @@ def arcface_triton_server(arcface_repository, tmp_path_factory):
     """The arcface model served by a real tritonserver (python-backend twin) behind the server."""
     from adaface_server.models.export import export_python_backend
 
-    from .triton_harness import TritonProcess, TritonUnavailable, find_tritonserver
+    from .triton_harness import (
+        TritonProcess,
+        TritonUnavailable,
+        find_tritonserver,
+        missing_tritonserver,
+    )
 
     try:
         install = find_tritonserver()
     except TritonUnavailable as exc:
-        pytest.skip(f"no tritonserver binary: {exc}")
+        missing_tritonserver(exc)
     twin = tmp_path_factory.mktemp("arcface_triton_repository")
     export_python_backend(arcface_repository, ARCFACE_NAME, twin, threads=1)
     log_path = tmp_path_factory.mktemp("arcface_triton_logs") / "tritonserver.log"
