@@ -9,6 +9,10 @@ The tritonserver is the one bundled in nvidia-pytriton (python backend only), so
 the exporter's python-backend twin: same TorchScript file and thread count as embedded. On a
 GPU box with the NGC image the libtorch model would be measured instead. Skips with a message
 when no tritonserver binary can be installed.
+
+Then the same weights exported with `--input-dtype uint8` (pixels in, normalised inside the
+graph) go through a second tritonserver: bytes per image of the KServe ModelInferRequest
+and img/s, direct and through the server, against the fp32-input model.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 from bench_server import Row, drive, free_port, jpeg_crops, wait_serving  # noqa: E402
 
 SCENARIOS = ((16, 1), (4, 8))  # (concurrent clients, images per call)
+WIRE_IMAGES = 8  # images per request when measuring bytes per image on the wire
 
 
 def start_server(repo: Path, name: str, threads: int, batch: int, *extra: str):
@@ -68,6 +73,17 @@ def measure_server(address: str, seconds: float, crops: list[bytes]) -> list[Row
     return [asyncio.run(drive(address, c, k, seconds, crops)) for c, k in SCENARIOS]
 
 
+def wire_bytes_per_image(inputs: np.ndarray) -> float:
+    """Serialised size of a ModelInferRequest carrying WIRE_IMAGES rows, per image."""
+    from tritonclient.grpc import service_pb2
+
+    rows = np.ascontiguousarray(inputs[:WIRE_IMAGES])
+    datatype = "UINT8" if rows.dtype == np.uint8 else "FP32"
+    request = service_pb2.ModelInferRequest(model_name="m", raw_input_contents=[rows.tobytes()])
+    request.inputs.add(name="INPUT__0", datatype=datatype, shape=list(rows.shape))
+    return request.ByteSize() / len(rows)
+
+
 async def drive_direct(
     url: str, name: str, clients: int, per_call: int, seconds: float, inputs: np.ndarray
 ) -> Row:
@@ -81,7 +97,8 @@ async def drive_direct(
 
     def request(i: int) -> list:
         rows = np.take(inputs, range(i, i + per_call), axis=0, mode="wrap")
-        tensor = InferInput("INPUT__0", list(rows.shape), "FP32")
+        datatype = "UINT8" if rows.dtype == np.uint8 else "FP32"
+        tensor = InferInput("INPUT__0", list(rows.shape), datatype)
         tensor.set_data_from_numpy(np.ascontiguousarray(rows))
         return [tensor]
 
@@ -117,7 +134,9 @@ async def drive_direct(
     )
 
 
-def run(arch: str, batch: int, threads: int, seconds: float) -> dict[str, list[Row]] | None:
+def run(
+    arch: str, batch: int, threads: int, seconds: float
+) -> tuple[dict[str, list[Row]], dict[str, float]] | None:
     from adaface_server.models.export import export_model, export_python_backend
     from adaface_server.preprocess.pipeline import to_model_input
     from tests.integration.triton_harness import (
@@ -132,15 +151,19 @@ def run(arch: str, batch: int, threads: int, seconds: float) -> dict[str, list[R
         print(f"SKIPPED: no tritonserver binary ({exc})")
         return None
     crops = jpeg_crops(64)
-    inputs = to_model_input(
-        [np.asarray(Image.open(io.BytesIO(c)).convert("RGB")) for c in crops], flip=False
-    )
+    pixels = [np.asarray(Image.open(io.BytesIO(c)).convert("RGB")) for c in crops]
+    inputs = to_model_input(pixels, flip=False)
+    inputs_u8 = to_model_input(pixels, flip=False, dtype="uint8")
+    wire = {"fp32": wire_bytes_per_image(inputs), "uint8": wire_bytes_per_image(inputs_u8)}
     results: dict[str, list[Row]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         repo, twin = Path(tmp) / "repo", Path(tmp) / "twin"
+        repo_u8, twin_u8 = Path(tmp) / "repo_u8", Path(tmp) / "twin_u8"
         name = "bench_" + arch.replace("_", "")
         export_model(None, arch, repo, name, max_batch_size=batch)
         export_python_backend(repo, name, twin, threads=threads)
+        export_model(None, arch, repo_u8, name, max_batch_size=batch, input_dtype="uint8")
+        export_python_backend(repo_u8, name, twin_u8, threads=threads)
 
         server, address = start_server(repo, name, threads, batch)
         try:
@@ -163,7 +186,23 @@ def run(arch: str, batch: int, threads: int, seconds: float) -> dict[str, list[R
                 stop(server)
         finally:
             triton.stop()
-    return results
+
+        triton = TritonProcess(twin_u8, Path(tmp) / "triton_u8.log", install).start()
+        try:
+            results["Triton direct (uint8)"] = [
+                asyncio.run(drive_direct(triton.url, name, c, k, seconds, inputs_u8))
+                for c, k in SCENARIOS
+            ]
+            server, address = start_server(
+                repo_u8, name, threads, batch, "--backend", "triton", "--triton-url", triton.url
+            )
+            try:
+                results["server -> Triton (uint8)"] = measure_server(address, seconds, crops)
+            finally:
+                stop(server)
+        finally:
+            triton.stop()
+    return results, wire
 
 
 def main() -> None:
@@ -173,9 +212,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8.0)
     args = parser.parse_args()
-    results = run(args.arch, args.batch_size, args.threads, args.seconds)
-    if results is None:
+    ran = run(args.arch, args.batch_size, args.threads, args.seconds)
+    if ran is None:
         return
+    results, wire = ran
     print(
         f"\n## Server->Triton vs server->embedded vs Triton direct ({args.arch}, max batch "
         f"{args.batch_size}, {args.threads} model threads, {os.cpu_count()} CPUs)\n"
@@ -184,13 +224,31 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     embedded = results["server -> embedded"]
     direct = results["Triton direct"]
-    for path in ("server -> embedded", "server -> Triton", "Triton direct"):
+    paths = (
+        "server -> embedded",
+        "server -> Triton",
+        "server -> Triton (uint8)",
+        "Triton direct",
+        "Triton direct (uint8)",
+    )
+    for path in paths:
         for i, row in enumerate(results[path]):
             print(
                 f"| {path} | {row.scenario} | {row.images_per_s:.1f} | {row.p50_ms:.1f} | "
                 f"{row.p99_ms:.1f} | {row.images_per_s / embedded[i].images_per_s:.2f} | "
                 f"{row.images_per_s / direct[i].images_per_s:.2f} |"
             )
+
+    print(
+        f"\n## Triton model input: fp32 vs uint8 ({args.arch}; bytes per image of a "
+        f"{WIRE_IMAGES}-image ModelInferRequest)\n"
+    )
+    print("| input | bytes/image | " + " | ".join(f"{r.scenario} img/s" for r in direct) + " |")
+    print("|---|---:|" + "---:|" * len(direct))
+    for dtype, suffix in (("fp32", ""), ("uint8", " (uint8)")):
+        for path in ("Triton direct", "server -> Triton"):
+            rates = " | ".join(f"{r.images_per_s:.1f}" for r in results[path + suffix])
+            print(f"| {dtype}, {path} | {wire[dtype]:,.0f} | {rates} |")
 
 
 if __name__ == "__main__":

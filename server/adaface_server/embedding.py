@@ -152,11 +152,13 @@ class EmbeddingService:
             self._batcher.start()
         self._ready = True
         log.info(
-            "model %s (%s, sha256 %s…) ready on the %s backend",
+            "model %s (%s, sha256 %s…) ready on the %s backend; input %s %s",
             spec.name,
             spec.arch,
             spec.checksum[:12],
             self.backend.name,
+            spec.channel_order,
+            "uint8 pixels (normalised by the model)" if spec.input_dtype == "uint8" else "fp32",
         )
         if on_ready is not None:
             on_ready()
@@ -259,8 +261,9 @@ class EmbeddingService:
                     arrays.append(face.crop)
         if not rows:
             return outcomes
+        spec = self.backend.spec
         batch = await asyncio.get_running_loop().run_in_executor(
-            self._preprocess, to_model_input, arrays, flip, self.backend.spec.channel_order
+            self._preprocess, to_model_input, arrays, flip, spec.channel_order, spec.input_dtype
         )
         embeddings, norms = await self._infer(batch, group=2 if flip else 1)
         if flip:

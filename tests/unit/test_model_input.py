@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adaface_server.preprocess.pipeline import to_model_input
+from adaface_server.preprocess.pipeline import normalise, to_model_input
 
 
 def crops() -> list[np.ndarray]:
@@ -50,3 +50,22 @@ def test_flip_rows_are_mirrors_in_the_same_order():
 def test_unknown_order_is_refused():
     with pytest.raises(ValueError, match="'GBR'"):
         to_model_input(crops(), flip=False, channel_order="GBR")
+
+
+@pytest.mark.parametrize("order", ["BGR", "RGB"])
+@pytest.mark.parametrize("flip", [False, True])
+def test_uint8_input_is_the_pixels_the_fp32_input_normalises(order, flip):
+    """dtype uint8 (models that normalise inside their graph): same layout, order and flip
+    rows as fp32, the values left as pixels, a quarter of the bytes."""
+    images = crops()
+    pixels = to_model_input(images, flip, order, "uint8")
+    floats = to_model_input(images, flip, order, "fp32")
+    assert pixels.dtype == np.uint8 and pixels.shape == floats.shape
+    assert pixels.flags["C_CONTIGUOUS"] and pixels.nbytes * 4 == floats.nbytes
+    assert pixels[0].nbytes == 112 * 112 * 3 == 37_632
+    np.testing.assert_array_equal(normalise(pixels), floats)
+
+
+def test_unknown_dtype_is_refused():
+    with pytest.raises(ValueError, match="'fp16'"):
+        to_model_input(crops(), flip=False, dtype="fp16")

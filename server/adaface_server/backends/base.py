@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 
 
 class Backend(Protocol):
-    """Runs the exported model on preprocessed batches [B,3,112,112] float32."""
+    """Runs the exported model on preprocessed batches [B,3,112,112] in `spec.input_dtype`:
+    float32 normalised, or uint8 pixels for a model that normalises them itself."""
 
     name: str
     #: Where the model runs, for error messages (e.g. "Triton at triton:8001").

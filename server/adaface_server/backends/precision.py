@@ -1,6 +1,7 @@
 """Device and precision of the embedded model: resolving `auto`, the parity gate, the runner.
 
-The model contract holds for every precision: the runner takes float32 [B,3,112,112] and
+The model contract holds for every precision: the runner takes [B,3,112,112] in the model's
+input dtype (float32 normalised, or uint8 pixels for an `--input-dtype uint8` export) and
 returns float32 embeddings and norms. Reduced precision runs the fp32 TorchScript file under
 `torch.autocast` (bf16 on CPUs with native bf16 dot products, fp16 or bf16 on CUDA): measured
 on a 2-core AMD EPYC with AVX-512 BF16 it is as fast as a separately exported bf16 file
@@ -96,25 +97,31 @@ def check_supported(device, precision: str) -> None:
 
 
 class ModelRunner:
-    """Runs a TorchScript module on one device at one precision: fp32 numpy in, fp32 out.
+    """Runs a TorchScript module on one device at one precision: numpy in (float32, or uint8
+    pixels when input_dtype is "uint8"), fp32 out.
 
     Not thread-safe: the backend calls it from its single model thread, which is also what
     makes reusing the pinned host buffers safe on CUDA.
     """
 
-    def __init__(self, module, device, precision: str, max_batch_size: int) -> None:
+    def __init__(
+        self, module, device, precision: str, max_batch_size: int, input_dtype: str = "fp32"
+    ) -> None:
         import torch
 
         self.module = module
         self.device = device
         self.precision = precision
+        self.input_dtype = input_dtype
         self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self._cuda = device.type == "cuda"
         self._pinned = None
         if self._cuda:
             # Page-locked host memory lets the copies run asynchronously (non_blocking).
             self._pinned = torch.empty(
-                (max_batch_size, 3, 112, 112), dtype=torch.float32, pin_memory=True
+                (max_batch_size, 3, 112, 112),
+                dtype=torch.uint8 if input_dtype == "uint8" else torch.float32,
+                pin_memory=True,
             )
 
     def _autocast(self):
@@ -212,9 +219,12 @@ def _time(run: Callable[[np.ndarray], object], batch: np.ndarray) -> float:
     return statistics.median(samples)
 
 
-def verification_inputs(batch_size: int = VERIFICATION_BATCH) -> np.ndarray:
-    """Deterministic inputs in the model's [-1, 1] range (numpy, seed 0)."""
+def verification_inputs(batch_size: int = VERIFICATION_BATCH, dtype: str = "fp32") -> np.ndarray:
+    """Deterministic inputs (numpy, seed 0): in the model's [-1, 1] range, or with dtype
+    "uint8" pixels 0..255 for a model that normalises them itself."""
     rng = np.random.default_rng(0)
+    if dtype == "uint8":
+        return rng.integers(0, 256, (batch_size, 3, 112, 112), dtype=np.uint8)
     return (rng.random((batch_size, 3, 112, 112), dtype=np.float32) * 2 - 1).astype(np.float32)
 
 
@@ -229,7 +239,12 @@ class Selection:
 
 
 def select_runner(
-    module, device, requested: str, max_batch_size: int, warm_calls: int = 2
+    module,
+    device,
+    requested: str,
+    max_batch_size: int,
+    warm_calls: int = 2,
+    input_dtype: str = "fp32",
 ) -> Selection:
     """Gate every candidate precision against fp32 on the verification batch and pick one.
 
@@ -238,7 +253,7 @@ def select_runner(
     """
     check_supported(device, requested)
     if requested == "fp32":  # nothing to compare: fp32 is the reference
-        runner = ModelRunner(module, device, "fp32", max_batch_size)
+        runner = ModelRunner(module, device, "fp32", max_batch_size, input_dtype)
         return Selection(runner, (Trial("fp32", 1.0, 0.0, 0.0),))
     if requested == "auto":
         candidates = reduced_precisions(device)
@@ -246,8 +261,11 @@ def select_runner(
         candidates = []
     else:
         candidates = [requested]
-    batch = verification_inputs(min(VERIFICATION_BATCH, max_batch_size))
-    runners = {p: ModelRunner(module, device, p, max_batch_size) for p in ["fp32", *candidates]}
+    batch = verification_inputs(min(VERIFICATION_BATCH, max_batch_size), input_dtype)
+    runners = {
+        p: ModelRunner(module, device, p, max_batch_size, input_dtype)
+        for p in ["fp32", *candidates]
+    }
     reference = None
     trials = []
     for precision, runner in runners.items():

@@ -94,11 +94,15 @@ class TorchScriptBackend:
                 exported,
                 spec.metadata.get("min_cosine"),
             )
-            self._runner = precision.ModelRunner(module, device, "fp32", self.max_batch_size)
+            self._runner = precision.ModelRunner(
+                module, device, "fp32", self.max_batch_size, spec.input_dtype
+            )
             self.device, self.precision = str(device), exported
         else:
             try:
-                selection = precision.select_runner(module, device, requested, self.max_batch_size)
+                selection = precision.select_runner(
+                    module, device, requested, self.max_batch_size, input_dtype=spec.input_dtype
+                )
             except precision.PrecisionError as exc:
                 raise StartupError(str(exc)) from None
             self._runner = selection.runner
@@ -110,16 +114,18 @@ class TorchScriptBackend:
             sizes = list(range(1, self.max_batch_size + 1))
         else:
             sizes = sorted({1, 2, max(1, self.max_batch_size // 2), self.max_batch_size})
+        dtype = np.uint8 if spec.input_dtype == "uint8" else np.float32
         for size in sizes:
-            zeros = np.zeros((size, *spec.input_dims), dtype=np.float32)
+            zeros = np.zeros((size, *spec.input_dims), dtype=dtype)
             for _ in range(2):
                 self._runner(zeros)
         log.info(
-            "model %s runs on %s in %s (requested --device %s --precision %s); warmed up for "
-            "batch sizes %s",
+            "model %s runs on %s in %s with %s input (requested --device %s --precision %s); "
+            "warmed up for batch sizes %s",
             spec.name,
             self.device,
             self.precision,
+            spec.input_dtype,
             self._settings.device,
             self._settings.precision,
             _ranges(sizes),

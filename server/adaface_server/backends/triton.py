@@ -18,6 +18,11 @@ reported as "unknown" and the tensor contract is taken from Triton alone.
 The input channel order comes from the served config's `channel_order` parameter (what the
 exporter writes), else from the local metadata.json, else BGR (exports that predate it); a
 local copy that disagrees with Triton is refused like a tensor mismatch.
+
+The input datatype comes from Triton's model metadata: FP32 (the server sends normalised
+floats) or UINT8 (an `adaface-export --input-dtype uint8` model normalises inside its graph,
+and the server sends the raw pixels: 37,632 instead of 150,528 bytes per image). Any other
+datatype is refused at start, as is a local metadata.json that records another input dtype.
 """
 
 from __future__ import annotations
@@ -46,9 +51,11 @@ from ..models.repository import (
     INPUT_DIMS,
     INPUT_NAME,
     NORM_NAME,
+    TRITON_DATATYPES,
     ModelRepositoryError,
     ModelSpec,
     input_contract,
+    input_dtype_of_datatype,
     load_model_spec,
 )
 from ..request_context import time_left
@@ -116,8 +123,16 @@ class TritonBackend:
         from tritonclient.utils import InferenceServerException
 
         spec = self.spec
-        tensor = InferInput(spec.input_name, list(batch.shape), "FP32")
-        tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        if spec.input_dtype == "uint8":
+            if batch.dtype != np.uint8:
+                # Casting normalised floats to uint8 would send garbage: our bug, loudly.
+                log.error("a %s batch for the UINT8 input of %s", batch.dtype, spec.name)
+                raise Internal("internal error: the model backend rejected the request")
+            data = np.ascontiguousarray(batch)
+        else:
+            data = np.ascontiguousarray(batch, dtype=np.float32)
+        tensor = InferInput(spec.input_name, list(batch.shape), TRITON_DATATYPES[spec.input_dtype])
+        tensor.set_data_from_numpy(data)
         # Never wait on Triton past the deadline of the caller these rows belong to.
         limit = self._settings.triton_timeout_seconds
         timeout = time_left(limit)
@@ -263,6 +278,7 @@ class TritonBackend:
         served = {("input", t.name): t for t in metadata.inputs}
         served.update({("output", t.name): t for t in metadata.outputs})
         problems = []
+        input_dtype = None
         if config.max_batch_size < 1:
             problems.append(
                 f"max_batch_size is {config.max_batch_size}; the model must batch along dim 0"
@@ -274,7 +290,19 @@ class TritonBackend:
                 present = ", ".join(n for k, n in served if k == kind) or "none"
                 problems.append(f"no {kind} named {tensor_name} (has: {present})")
                 continue
-            if tensor.datatype != "FP32":
+            if kind == "input":
+                input_dtype = input_dtype_of_datatype(tensor.datatype)
+                if input_dtype is None:
+                    problems.append(
+                        f"input {tensor_name} is {tensor.datatype}, expected FP32 or UINT8 "
+                        "(adaface-export --input-dtype fp32|uint8)"
+                    )
+                elif local is not None and input_dtype != local.input_dtype:
+                    problems.append(
+                        f"input {tensor_name} is {tensor.datatype} but the local metadata.json "
+                        f"says input_dtype {local.input_dtype!r}"
+                    )
+            elif tensor.datatype != "FP32":
                 problems.append(f"{kind} {tensor_name} is {tensor.datatype}, expected FP32")
             if list(tensor.shape) != shape:
                 problems.append(
@@ -341,6 +369,7 @@ class TritonBackend:
             metadata={
                 **(local.metadata if local else UNKNOWN_METADATA),
                 "input": input_contract(channel_order or "BGR"),
+                "input_dtype": input_dtype,
             },
         )
 

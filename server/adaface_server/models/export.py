@@ -8,7 +8,10 @@ Triton python-backend twin (same tensors and batching, ``model.py`` running the 
 ``model.pt``) into ``DIR/<name>``, for Triton builds without the PyTorch backend.
 ``--format arcface_torch --arch r50`` reads an InsightFace arcface_torch ``backbone.pth``
 instead; such a model is fed RGB, and metadata.json ("input") and config.pbtxt (parameter
-``channel_order``) record that so the server preprocesses for it.
+``channel_order``) record that so the server preprocesses for it. ``--input-dtype uint8``
+makes ``INPUT__0`` a UINT8 tensor of raw 0..255 pixels (same layout and channel order)
+normalised inside the graph, bit for bit as the server would: a client or the server's Triton
+backend then sends 112*112*3 = 37,632 bytes per image instead of 150,528.
 
 Graph choice (measured with ``bench/bench_model.py``-style runs, random ir_50, torch 2.13 CPU,
 2-core AVX-512 EPYC, best of 3 x 2 s; a busy neighbour makes absolute figures drift):
@@ -61,6 +64,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,9 +74,11 @@ from adaface_server.models.iresnet import EMBEDDING_DIM, build_model
 from adaface_server.models.repository import (
     CONFIG_FILENAME,
     DEFAULT_CHANNEL_ORDER,
+    DEFAULT_INPUT_DTYPE,
     DEFAULT_QUEUE_DELAY_US,
     EMBEDDING_NAME,
     INPUT_DIMS,
+    INPUT_DTYPES,
     INPUT_NAME,
     METADATA_FILENAME,
     MODEL_FILENAME,
@@ -84,6 +90,7 @@ from adaface_server.models.repository import (
     load_model_spec,
     parse_model_config,
 )
+from adaface_server.preprocess.pipeline import normalise
 
 EXPORTER_VERSION = "1"
 OPTIMIZATIONS = ("none", "freeze")
@@ -123,6 +130,7 @@ class ExportReport:
     seconds: float
     precision: str = "fp32"
     min_cosine: float = 1.0
+    input_dtype: str = DEFAULT_INPUT_DTYPE
 
 
 class _ChannelsLast(nn.Module):
@@ -155,6 +163,23 @@ class _ReducedPrecision(nn.Module):
         return torch.div(features, norm), norm
 
 
+class _PixelInput(nn.Module):
+    """Takes uint8 pixels [N,3,112,112] and feeds the wrapped model normalised float32.
+
+    The scaling is a 256-entry table made by the server's own `normalise`, so the model sees
+    exactly the floats the server would have sent for an fp32-input export, on any device
+    (CUDA's division by a scalar multiplies by the reciprocal, which can differ by 1 ulp)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        table = torch.from_numpy(normalise(np.arange(256, dtype=np.uint8)))
+        self.register_buffer("table", table)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner(self.table[x.long()])
+
+
 def default_model_name(arch: str, model_format: str = "adaface") -> str:
     """<prefix><arch without underscores>, e.g. ir_50 -> adaface_ir50, r50 -> arcface_r50."""
     return get_format(model_format).default_model_name(arch)
@@ -166,6 +191,7 @@ def render_config(
     instance_count: int = 1,
     max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
     channel_order: str = DEFAULT_CHANNEL_ORDER,
+    input_dtype: str = DEFAULT_INPUT_DTYPE,
 ) -> str:
     """The exact config.pbtxt text the exporter writes for these settings."""
     config = build_model_config(
@@ -175,6 +201,7 @@ def render_config(
         max_queue_delay_us=max_queue_delay_us,
         embedding_dim=EMBEDDING_DIM,
         channel_order=channel_order,
+        input_dtype=input_dtype,
     )
     return format_model_config(config)
 
@@ -183,6 +210,26 @@ def verification_batch(batch_size: int = 4) -> torch.Tensor:
     """Deterministic inputs in the model's [-1, 1] range."""
     generator = torch.Generator().manual_seed(0)
     return torch.rand(batch_size, *INPUT_DIMS, generator=generator) * 2 - 1
+
+
+def verification_pixels(batch_size: int = 4) -> torch.Tensor:
+    """Deterministic uint8 pixels [N,3,112,112], for exports with --input-dtype uint8."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (batch_size, *INPUT_DIMS), generator=generator).to(torch.uint8)
+
+
+def verification_inputs(input_dtype: str, batch_size: int = 4) -> torch.Tensor:
+    """The parity gate's inputs in the exported model's input dtype."""
+    if input_dtype == "uint8":
+        return verification_pixels(batch_size)
+    return verification_batch(batch_size)
+
+
+def eager_input(batch: torch.Tensor) -> torch.Tensor:
+    """What the eager fp32 model is fed for batch: uint8 pixels as the server normalises them."""
+    if batch.dtype == torch.uint8:
+        return torch.from_numpy(normalise(batch.numpy()))
+    return batch
 
 
 def _sha256(path: Path) -> str:
@@ -220,13 +267,18 @@ def trace_backbone(
     optimization: str = "freeze",
     channels_last: bool = True,
     precision: str = "fp32",
+    input_dtype: str = DEFAULT_INPUT_DTYPE,
 ) -> torch.jit.ScriptModule:
     """TorchScript for model (eval, no grad); channels_last and precision convert model in
-    place. Inputs and outputs stay float32 for every precision."""
+    place. Outputs stay float32 for every precision; the input is float32 (normalised), or
+    with input_dtype "uint8" raw pixels that the graph normalises in float32 before any
+    reduced-precision cast."""
     if optimization not in OPTIMIZATIONS:
         raise ValueError(f"unknown optimization {optimization!r}; valid: {OPTIMIZATIONS}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {PRECISIONS}")
+    if input_dtype not in INPUT_DTYPES:
+        raise ValueError(f"unknown input dtype {input_dtype!r}; valid: {INPUT_DTYPES}")
     module: nn.Module = model.eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -235,7 +287,9 @@ def trace_backbone(
         module = _ReducedPrecision(model, dtype, channels_last).eval()
     elif channels_last:
         module = _ChannelsLast(model).eval()
-    example = verification_batch(2)
+    if input_dtype == "uint8":
+        module = _PixelInput(module).eval()
+    example = verification_inputs(input_dtype, 2)
     with torch.no_grad(), quiet_torchscript_deprecation():
         # Batch 2 keeps the trace free of batch-1 special cases; the graph is batch-agnostic.
         traced = torch.jit.trace(module, example, check_trace=False)
@@ -284,6 +338,7 @@ def export_model(
     precision: str = "fp32",
     reduced_min_cosine: float = REDUCED_MIN_COSINE,
     model_format: str = "adaface",
+    input_dtype: str = DEFAULT_INPUT_DTYPE,
 ) -> ExportReport:
     """Export arch (weights from checkpoint, or random when None) into repository/name.
 
@@ -291,7 +346,9 @@ def export_model(
     channel order recorded in metadata.json and config.pbtxt. precision bf16/fp16 writes a
     reduced-precision model (float32 in and out), verified by min cosine >=
     REDUCED_MIN_COSINE and max relative norm error <= REDUCED_MAX_REL_NORM_ERROR against the
-    fp32 eager model instead of fp32's max abs `tolerance`."""
+    fp32 eager model instead of fp32's max abs `tolerance`. input_dtype "uint8" writes a model
+    fed raw uint8 pixels (config TYPE_UINT8, metadata input_dtype), verified on pixels against
+    the eager model fed the same pixels normalised as the server does."""
     started = time.perf_counter()
     fmt = get_format(model_format)
     fmt.check_arch(arch)
@@ -305,8 +362,10 @@ def export_model(
         )
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if input_dtype not in INPUT_DTYPES:
+        raise ValueError(f"unknown input dtype {input_dtype!r}; valid: {', '.join(INPUT_DTYPES)}")
     config_text = render_config(
-        name, max_batch_size, instance_count, max_queue_delay_us, fmt.channel_order
+        name, max_batch_size, instance_count, max_queue_delay_us, fmt.channel_order, input_dtype
     )
 
     checkpoint_path = Path(checkpoint) if checkpoint is not None else None
@@ -322,12 +381,12 @@ def export_model(
         checkpoint_sha = None
         weights = WEIGHTS_RANDOM
 
-    batch = verification_batch(4)
+    batch = verification_inputs(input_dtype, 4)
     with torch.inference_mode():
-        reference = eager(batch)
+        reference = eager(eager_input(batch))
     # trace_backbone converts the module in place; keep the eager copy pristine for comparing.
     scripted = trace_backbone(
-        build_copy(eager, arch, fmt.build), optimization, channels_last, precision
+        build_copy(eager, arch, fmt.build), optimization, channels_last, precision, input_dtype
     )
 
     repository = Path(repository)
@@ -360,9 +419,10 @@ def export_model(
             cosine = min(min_cosine(reference[0], output[0]), 1.0)
         abs_diff, rel_diff = max(abs_diff, single_abs), max(rel_diff, single_rel)
         log.info(
-            "TorchScript (%s) vs eager fp32 on %d inputs: max abs embedding diff %.3g, "
-            "min cosine %.6f, max relative norm diff %.3g",
+            "TorchScript (%s, %s input) vs eager fp32 on %d inputs: max abs embedding diff "
+            "%.3g, min cosine %.6f, max relative norm diff %.3g",
             precision,
+            input_dtype,
             batch.shape[0],
             abs_diff,
             cosine,
@@ -398,7 +458,8 @@ def export_model(
         "max_batch_size": max_batch_size,
         "format": fmt.name,
         "input": fmt.input_contract(),
-        "preprocessing": fmt.preprocessing(),
+        "input_dtype": input_dtype,
+        "preprocessing": fmt.preprocessing(input_dtype),
         "weights": weights,
         "seed": seed if checkpoint_path is None else None,
         "checkpoint_file": checkpoint_path.name if checkpoint_path is not None else None,
@@ -437,6 +498,7 @@ def export_model(
         seconds=seconds,
         precision=precision,
         min_cosine=cosine,
+        input_dtype=input_dtype,
     )
 
 
@@ -522,8 +584,10 @@ def existing_export_matches(
     checkpoint: Path | None,
     seed: int = 0,
     model_format: str = "adaface",
+    input_dtype: str = DEFAULT_INPUT_DTYPE,
 ) -> bool:
-    """True when repository/name/version already holds an export of these weights."""
+    """True when repository/name/version already holds an export of these weights taking
+    input_dtype."""
     model_dir = Path(repository) / name / str(version)
     try:
         metadata = json.loads((model_dir / METADATA_FILENAME).read_text())
@@ -533,6 +597,8 @@ def existing_export_matches(
         return False
     # Exports made before formats were recorded are AdaFace ones.
     if metadata.get("format", "adaface") != model_format:
+        return False
+    if metadata.get("input_dtype", DEFAULT_INPUT_DTYPE) != input_dtype:
         return False
     if not (Path(repository) / name / CONFIG_FILENAME).is_file():
         return False
@@ -590,9 +656,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="weights and compute inside the model (inputs and outputs stay float32): fp32 "
+        help="weights and compute inside the model (outputs stay float32, the input is as "
+        "--input-dtype says): fp32 "
         "(verified to 1e-5), bf16 or fp16 (verified: min cosine >= 0.999, relative norm "
         "error <= 1e-2 vs fp32)",
+    )
+    parser.add_argument(
+        "--input-dtype",
+        choices=INPUT_DTYPES,
+        default=DEFAULT_INPUT_DTYPE,
+        help="what INPUT__0 takes: fp32 = pixels normalised by the server, (x/255-0.5)/0.5 "
+        "(default); uint8 = raw 0..255 pixels (same NCHW layout and channel order), "
+        "normalised inside the model bit for bit as the server would: 37,632 instead of "
+        "150,528 bytes per image to Triton (config TYPE_UINT8)",
     )
     parser.add_argument(
         "--if-missing",
@@ -631,7 +707,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     name = args.name or fmt.default_model_name(args.arch)
     if args.if_missing and existing_export_matches(
-        args.repository, name, args.version, args.arch, args.checkpoint, args.seed, fmt.name
+        args.repository,
+        name,
+        args.version,
+        args.arch,
+        args.checkpoint,
+        args.seed,
+        fmt.name,
+        args.input_dtype,
     ):
         print(f"{args.repository / name / str(args.version)} already holds this export; skipped")
         return 0
@@ -650,6 +733,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_queue_delay_us=args.max_queue_delay_us,
             precision=args.precision,
             model_format=fmt.name,
+            input_dtype=args.input_dtype,
         )
         if args.python_backend is not None:
             twin_dir = export_python_backend(

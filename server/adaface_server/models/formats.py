@@ -45,20 +45,24 @@ class ModelFormat:
         """The metadata.json "input" entry of models exported from this format."""
         return input_contract(self.channel_order)
 
-    def preprocessing(self) -> dict[str, object]:
-        """The human-readable metadata.json "preprocessing" entry."""
+    def preprocessing(self, input_dtype: str = "fp32") -> dict[str, object]:
+        """The human-readable metadata.json "preprocessing" entry; with input_dtype "uint8"
+        the scaling happens inside the exported model, which takes the pixels as uint8."""
         order = self.channel_order
         to_order = "" if order == "RGB" else f" -> {order}"
+        if input_dtype == "uint8":
+            steps = "uint8 NCHW (the model applies (x / 255 - 0.5) / 0.5 itself)"
+        else:
+            steps = "(x / 255 - 0.5) / 0.5 -> float32 NCHW"
         return {
-            "description": (
-                f"aligned 112x112 RGB face{to_order} -> (x / 255 - 0.5) / 0.5 -> float32 NCHW"
-            ),
+            "description": f"aligned 112x112 RGB face{to_order} -> {steps}",
             "color_order": order,
             "scale": "(x / 255 - 0.5) / 0.5",
+            "scaled_by": "model" if input_dtype == "uint8" else "server",
             "layout": "NCHW",
             "height": 112,
             "width": 112,
-            "dtype": "float32",
+            "dtype": "uint8" if input_dtype == "uint8" else "float32",
         }
 
     def default_model_name(self, arch: str) -> str:

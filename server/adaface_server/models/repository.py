@@ -34,6 +34,15 @@ CHANNEL_ORDERS = ("BGR", "RGB")
 DEFAULT_CHANNEL_ORDER = "BGR"
 CHANNEL_ORDER_PARAMETER = "channel_order"
 NORMALISATION = "(x/255-0.5)/0.5"
+# What INPUT__0 carries, recorded in metadata.json ("input_dtype") and declared by the
+# config's input data_type: "fp32" = pixels already normalised by the server (NORMALISATION),
+# "uint8" = raw 0..255 pixels, normalised inside the exported graph (4x fewer bytes to send).
+# Models exported before it was recorded take fp32.
+INPUT_DTYPES = ("fp32", "uint8")
+DEFAULT_INPUT_DTYPE = "fp32"
+#: Triton's datatype name (model metadata, InferInput) for each input dtype.
+TRITON_DATATYPES = {"fp32": "FP32", "uint8": "UINT8"}
+_CONFIG_DATATYPES = {"fp32": mc.TYPE_FP32, "uint8": mc.TYPE_UINT8}
 
 
 class ModelRepositoryError(RuntimeError):
@@ -73,6 +82,11 @@ class ModelSpec:
         return channel_order_of(self.metadata)
 
     @property
+    def input_dtype(self) -> str:
+        """ "fp32" (normalised floats) or "uint8" (raw pixels): what INPUT__0 takes."""
+        return input_dtype_of(self.metadata)
+
+    @property
     def untrained(self) -> bool:
         """True when the weights are random (exported without a checkpoint).
 
@@ -102,6 +116,24 @@ def channel_order_of(metadata: dict[str, Any], source: str = "metadata.json") ->
     return str(order)
 
 
+def input_dtype_of(metadata: dict[str, Any], source: str = "metadata.json") -> str:
+    """The input dtype recorded in metadata; fp32 when none is (older exports)."""
+    dtype = metadata.get("input_dtype", DEFAULT_INPUT_DTYPE)
+    if dtype not in INPUT_DTYPES:
+        raise ModelRepositoryError(
+            f"{source}: input_dtype must be one of {', '.join(INPUT_DTYPES)}, got {dtype!r}"
+        )
+    return str(dtype)
+
+
+def input_dtype_of_datatype(datatype: str) -> str | None:
+    """ "fp32" / "uint8" for Triton's "FP32" / "UINT8"; None for a datatype not served."""
+    for dtype, name in TRITON_DATATYPES.items():
+        if name == datatype:
+            return dtype
+    return None
+
+
 def build_model_config(
     name: str,
     max_batch_size: int,
@@ -110,14 +142,18 @@ def build_model_config(
     max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
     embedding_dim: int = EMBEDDING_DIM,
     channel_order: str = DEFAULT_CHANNEL_ORDER,
+    input_dtype: str = DEFAULT_INPUT_DTYPE,
 ) -> mc.ModelConfig:
     """The Triton config for an exported AdaFace TorchScript model."""
+    if input_dtype not in INPUT_DTYPES:
+        raise ValueError(f"input dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     if instance_count < 1:
         raise ValueError(f"instance_count must be >= 1, got {instance_count}")
     config = mc.ModelConfig(name=name, platform=PLATFORM, max_batch_size=max_batch_size)
-    config.input.add(name=INPUT_NAME, data_type=mc.TYPE_FP32, dims=list(INPUT_DIMS))
+    data_type = _CONFIG_DATATYPES[input_dtype]
+    config.input.add(name=INPUT_NAME, data_type=data_type, dims=list(INPUT_DIMS))
     config.output.add(name=EMBEDDING_NAME, data_type=mc.TYPE_FP32, dims=[embedding_dim])
     config.output.add(name=NORM_NAME, data_type=mc.TYPE_FP32, dims=[1])
     # No kind: Triton picks GPU when present, CPU otherwise, so one file serves both.
@@ -126,7 +162,7 @@ def build_model_config(
     # Zeros warm the allocator and TorchScript's profiling executor before readiness.
     warmup = config.model_warmup.add(name="zero_batch", batch_size=1)
     warm_input = warmup.inputs[INPUT_NAME]
-    warm_input.data_type = mc.TYPE_FP32
+    warm_input.data_type = data_type
     warm_input.dims.extend(INPUT_DIMS)
     warm_input.zero_data = True
     config.parameters["INFERENCE_MODE"].string_value = "true"
@@ -247,6 +283,19 @@ def load_model_spec(repository: Path | str, name: str) -> ModelSpec:
     embedding_name = metadata.get("embedding_name", EMBEDDING_NAME)
     norm_name = metadata.get("norm_name", NORM_NAME)
     input_tensor = _tensor(config, input_name, False, config_path)
+    input_dtype = input_dtype_of(metadata, str(metadata_path))
+    declared_type = mc.DataType.Name(input_tensor.data_type).removeprefix("TYPE_")
+    if input_dtype_of_datatype(declared_type) is None:
+        served = ", ".join(TRITON_DATATYPES.values())
+        raise ModelRepositoryError(
+            f"{config_path}: input {input_name} is {declared_type}; this server feeds only "
+            f"{served} (adaface-export --input-dtype {'|'.join(INPUT_DTYPES)})"
+        )
+    if input_dtype_of_datatype(declared_type) != input_dtype:
+        raise ModelRepositoryError(
+            f"{config_path} declares input {input_name} {declared_type} but {metadata_path} "
+            f"says input_dtype {input_dtype!r}: re-export the model"
+        )
     embedding = _tensor(config, embedding_name, True, config_path)
     _tensor(config, norm_name, True, config_path)
     if len(embedding.dims) != 1:

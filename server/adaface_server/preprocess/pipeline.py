@@ -1,4 +1,4 @@
-"""Per-image preprocessing: source -> aligned 112x112 RGB crop -> normalised NCHW tensor."""
+"""Per-image preprocessing: source -> aligned 112x112 RGB crop -> NCHW model input tensor."""
 
 from __future__ import annotations
 
@@ -127,8 +127,20 @@ def png_bytes(crop: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def to_model_input(crops: list[np.ndarray], flip: bool, channel_order: str = "BGR") -> np.ndarray:
-    """Stacks RGB crops into model input: (x/255-0.5)/0.5, float32 NCHW, C-contiguous.
+def normalise(pixels: np.ndarray) -> np.ndarray:
+    """(x/255-0.5)/0.5 in float32: the arithmetic of AdaFace's to_input, for any shape.
+
+    The server applies it to fp32-input models; uint8-input exports apply the same values
+    inside their graph (a table built by this function, see models/export.py)."""
+    return (pixels.astype(np.float32) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
+
+
+def to_model_input(
+    crops: list[np.ndarray], flip: bool, channel_order: str = "BGR", dtype: str = "fp32"
+) -> np.ndarray:
+    """Stacks RGB crops into model input, NCHW and C-contiguous, in the model's input dtype
+    (ModelSpec.input_dtype): "fp32" = normalise()d float32, "uint8" = the pixels as they are
+    (the model normalises them itself, and the tensor is 4x smaller).
 
     channel_order is the model's (ModelSpec.channel_order): "BGR" for AdaFace models, "RGB"
     for InsightFace arcface_torch ones. This is the only place the order is applied, so
@@ -137,6 +149,8 @@ def to_model_input(crops: list[np.ndarray], flip: bool, channel_order: str = "BG
     With `flip`, row 2i is crop i and row 2i+1 its horizontal mirror, so both views of an
     image stay adjacent and travel in the same batch.
     """
+    if dtype not in ("fp32", "uint8"):
+        raise ValueError(f"dtype must be 'fp32' or 'uint8', got {dtype!r}")
     batch = np.stack(crops)  # N,H,W,3 RGB
     if flip:
         batch = np.stack([batch, batch[:, :, ::-1]], axis=1).reshape(-1, *batch.shape[1:])
@@ -145,7 +159,7 @@ def to_model_input(crops: list[np.ndarray], flip: bool, channel_order: str = "BG
     elif channel_order != "RGB":
         raise ValueError(f"channel_order must be 'BGR' or 'RGB', got {channel_order!r}")
     nchw = batch.transpose(0, 3, 1, 2)
-    # Same arithmetic as AdaFace's to_input, in float32.
-    out = (nchw.astype(np.float32) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
     # A non-contiguous tensor made conv2d ~40x slower on this CPU (see notes).
-    return np.ascontiguousarray(out)
+    if dtype == "uint8":
+        return np.ascontiguousarray(nchw, dtype=np.uint8)
+    return np.ascontiguousarray(normalise(nchw))
