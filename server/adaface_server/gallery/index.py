@@ -179,18 +179,42 @@ def top_rows(
         lo, hi = np.searchsorted(dead, [start, stop])
         if hi > lo:
             scores[:, torch.from_numpy(dead[lo:hi] - start)] = -torch.inf
-        part_s, part = torch.topk(scores, min(k, stop - start), dim=1, sorted=False)
+        part_s, part = _top_lowest_rows(scores, min(k, stop - start))
         best_s = torch.cat([best_s, part_s], dim=1)
         best_r = torch.cat([best_r, part + start], dim=1)
         if best_s.shape[1] > k:
-            best_s, keep = torch.topk(best_s, k, dim=1, sorted=False)
-            best_r = torch.gather(best_r, 1, keep)
+            # Best k by (score descending, row ascending): a stable sort by score of the
+            # candidates in row order.
+            by_row = torch.argsort(best_r, dim=1)
+            best_s, best_r = torch.gather(best_s, 1, by_row), torch.gather(best_r, 1, by_row)
+            order = torch.sort(best_s, dim=1, descending=True, stable=True).indices[:, :k]
+            best_s, best_r = torch.gather(best_s, 1, order), torch.gather(best_r, 1, order)
     scores_np, rows_np = best_s.numpy(), best_r.numpy()
     if half:
         exact = np.einsum("qkd,qd->qk", matrix[rows_np].astype(np.float32), probes)
         scores_np = np.where(np.isfinite(scores_np), exact, -np.inf).astype(np.float32)
-    order = np.argsort(-scores_np, axis=1, kind="stable")
+    # Best first; equal scores by row number (as the bf16 and device passes order them).
+    order = np.lexsort((rows_np, -scores_np), axis=1)
     return np.take_along_axis(scores_np, order, axis=1), np.take_along_axis(rows_np, order, axis=1)
+
+
+def _top_lowest_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk of each row of `scores`, except that of equal scores at the k-th place
+    the lowest columns win (topk picks any): results do not depend on the implementation.
+
+    The check is one pass over the scores, which are dim times smaller than the rows
+    they come from; the per-probe fix runs only where such a tie exists."""
+    top_s, top = torch.topk(scores, k, dim=1, sorted=False)
+    if k == scores.shape[1]:
+        return top_s, top
+    kth = top_s.min(dim=1, keepdim=True).values
+    outside = (scores == kth).sum(dim=1) > (top_s == kth).sum(dim=1)
+    for p in torch.nonzero(outside).flatten().tolist():
+        above = torch.nonzero(scores[p] > kth[p]).flatten()
+        tied = torch.nonzero(scores[p] == kth[p]).flatten()[: k - len(above)]
+        top[p] = torch.cat([above, tied])
+        top_s[p] = scores[p, top[p]]
+    return top_s, top
 
 
 # Many probes: a bf16 pass (about 3x the fp32 GEMM rate here) picks candidates, which are
