@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from adaface_server.config import parse_settings
 from adaface_server.errors import FailedPrecondition
 from adaface_server.gallery import device_search
 from adaface_server.gallery.device_search import DeviceMirror
@@ -257,6 +258,33 @@ def test_device_search_told_to_stop_stops_between_chunks(scoring):
 def test_hnsw_stays_on_the_cpu():
     with pytest.raises(FailedPrecondition, match="--gallery-index hnsw searches on the CPU"):
         create_index("hnsw", DIM, "float32", 1 << 20, 0.25, device="cpu")
+
+
+def test_gallery_device_settings(capsys):
+    assert parse_settings([], env={}).gallery_device == "cpu"
+    for argv, message in (
+        (["--gallery-device", "gpu"], "--gallery-device must be cpu, cuda or cuda:N, got 'gpu'"),
+        (["--gallery-device", "cuda:x"], "--gallery-device must be cpu, cuda or cuda:N"),
+        (
+            ["--gallery-device", "cuda", "--gallery-index", "hnsw"],
+            "--gallery-device cuda needs --gallery-index exact",
+        ),
+    ):
+        with pytest.raises(SystemExit):
+            parse_settings(argv, env={})
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA refusal")
+def test_cuda_gallery_device_is_refused_at_start_without_cuda(capsys):
+    for argv, env in (
+        (["--gallery-device", "cuda"], {}),
+        ([], {"ADAFACE_GALLERY_DEVICE": "cuda:0"}),
+    ):
+        with pytest.raises(SystemExit):
+            parse_settings(argv, env=env)
+        err = capsys.readouterr().err
+        assert "no CUDA device is available" in err and "use --gallery-device cpu" in err
 
 
 @pytest.mark.cuda
