@@ -309,3 +309,19 @@ def test_cuda_device_path_matches_host_and_brute_force(dtype):
         index.apply([Change(remove_keys=keys[1::3])])  # compacts
     check_all(device, host, probes, 10)
     assert device_search.resolve_device("cuda") == torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [("cpu", None), pytest.param("cuda", "cuda", marks=[pytest.mark.cuda, CUDA])],
+)
+def test_gallery_service_builds_indexes_on_the_gallery_device(tmp_path, setting, expected):
+    from adaface_server.config import Settings
+    from adaface_server.gallery.service import GalleryService
+
+    settings = Settings(gallery_path=tmp_path / "g.sqlite3", gallery_device=setting)
+    service = GalleryService(settings, None)  # type: ignore[arg-type]
+    try:
+        assert service._new_index(DIM).device == expected
+    finally:
+        service._reads.shutdown()
