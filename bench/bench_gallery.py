@@ -4,7 +4,9 @@ Exact search (ExactIndex: sgemv/sgemm + argpartition, chunked, identity aggregat
 included) against faiss IndexFlatIP on the same vectors, for 1/32/256 probes at 100k and
 1M identities (one 512-d sample each); fp16 storage; HNSW recall@10 vs exact; memory per
 million vectors; start-up rebuild of 1M vectors from SQLite; enrollment throughput through
-a real server (EnrollStream vs sequential unary Enroll). `--quick` shrinks every size.
+a real server (EnrollStream vs sequential unary Enroll); the device search path
+(`--gallery-device`, device_search) run by torch on the CPU against the default numpy path
+(measured here; GPU figures come from bench_gpu.py). `--quick` shrinks every size.
 """
 
 from __future__ import annotations
@@ -143,8 +145,45 @@ def search_rows(sizes: list[int], probe_counts: list[int], rows: list[str]) -> N
                 )
                 print(rows[-1], flush=True)
             del half
+            device_cpu_rows(ours, probe_counts[:2], rows)
         del ours, flat
         gc.collect()
+
+
+def device_cpu_rows(ours: ExactIndex, probe_counts: list[int], rows: list[str]) -> None:
+    """The device search path with torch on the CPU (fp16 mirror, topk with a margin, fp32
+    rescoring) against the default numpy path, fp32 storage: the code --gallery-device
+    cuda runs, measured where no GPU is. The default stays numpy on the CPU."""
+    snap = ours.snapshot.samples
+    n = snap.n
+    dev = ExactIndex(DIM, dtype="float32", capacity=n, device="cpu")
+    dev.apply(
+        [
+            Change(
+                add_keys=snap.keys,
+                add_labels=snap.labels,
+                add_vectors=snap.matrix,
+                names=ours.snapshot.names,
+                identity_delta=n,
+            )
+        ]
+    )
+    for q in probe_counts:
+        probes = probes_near(snap.matrix, q, seed=q)
+        dev.search(probes, K, None)  # warm
+        t_host = best_of(lambda p=probes: ours.search(p, K, None), 3)
+        t_dev = best_of(lambda p=probes: dev.search(p, K, None), 3)
+        a, _ = ours.search(probes, K, None)
+        b, _ = dev.search(probes, K, None)
+        same = np.mean(
+            [[h.label for h in x] == [h.label for h in y] for x, y in zip(a, b, strict=True)]
+        )
+        rows.append(
+            f"| search {n // 1000}k x {q} probes, device path on the CPU (torch fp16 mirror) | "
+            f"{t_dev * 1000:.1f} ms | numpy path {t_host * 1000:.1f} ms | "
+            f"{t_host / t_dev:.2f} (numpy / device) | same top-{K}: {same:.0%} |"
+        )
+        print(rows[-1], flush=True)
 
 
 def hnsw_rows(n: int, rows: list[str]) -> None:

@@ -210,6 +210,13 @@ class Settings:
         default="exact",
         metadata={"help": "gallery search index: exact, or hnsw (approximate; needs faiss-cpu)"},
     )
+    gallery_device: str = field(
+        default="cpu",
+        metadata={
+            "help": "where exact gallery search runs: cpu, or cuda / cuda:N (an fp16 copy of "
+            "every gallery on the GPU, exact fp32 rescoring on the host; --gallery-index exact)"
+        },
+    )
     gallery_hnsw_m: int = field(default=32, metadata={"help": "hnsw: graph neighbours per node"})
     gallery_hnsw_ef_search: int = field(
         default=128, metadata={"help": "hnsw: search breadth (higher: better recall, slower)"}
@@ -406,6 +413,7 @@ def validate_gallery(s: Settings) -> list[str]:
         problems.append(f"--gallery-dtype must be float32 or float16, got {s.gallery_dtype!r}")
     if s.gallery_index not in ("exact", "hnsw"):
         problems.append(f"--gallery-index must be exact or hnsw, got {s.gallery_index!r}")
+    problems.extend(_gallery_device_problems(s))
     for name in (
         "gallery_hnsw_m",
         "gallery_hnsw_ef_search",
@@ -430,6 +438,29 @@ def validate_gallery(s: Settings) -> list[str]:
     if not -1.0 <= s.verify_threshold <= 1.0:
         problems.append(f"--verify-threshold must be in [-1, 1], got {s.verify_threshold}")
     return problems
+
+
+def _gallery_device_problems(s: Settings) -> list[str]:
+    if s.gallery_device == "cpu":
+        return []
+    device = s.gallery_device
+    if device.startswith("cuda:") and device[5:].isdigit():
+        device = "cuda"
+    if device != "cuda":
+        return [f"--gallery-device must be cpu, cuda or cuda:N, got {s.gallery_device!r}"]
+    if s.gallery_index != "exact":
+        return [
+            f"--gallery-device {s.gallery_device} needs --gallery-index exact "
+            "(the HNSW graph searches on the CPU)"
+        ]
+    # Refused here, at start-up, rather than on the first gallery load.
+    from .gallery.device_search import GalleryDeviceError, resolve_device
+
+    try:
+        resolve_device(s.gallery_device)
+    except GalleryDeviceError as exc:
+        return [str(exc)]
+    return []
 
 
 def validate_triton(s: Settings) -> list[str]:

@@ -282,3 +282,18 @@ def test_a_search_told_to_stop_stops_between_chunks(probes, scoring):
     hits, _ = index.search(many, 5, None, scoring, should_stop=never)
     assert never.asked > 3  # every chunk asked
     assert hits == index.search(many, 5, None, scoring)[0]
+
+
+@pytest.mark.parametrize("k", [3, 40, 200])
+def test_equal_scores_rank_by_row(k):
+    """Of rows with equal scores the lowest rows come first and win at the k-th place,
+    whatever order torch.topk returns them in."""
+    rng = np.random.default_rng(12)
+    vectors = unit(rng.standard_normal((5000, DIM)))
+    vectors[50:5000:9] = vectors[7]  # 551 copies
+    rows = Rows.empty(DIM, np.float32).appended(np.arange(5000), np.arange(5000), vectors)
+    copies = np.concatenate([[7], np.arange(50, 5000, 9)])
+    for chunk_bytes in (1 << 12, 64 << 20):
+        scores, found = top_rows(rows, vectors[7:8], k, chunk_bytes)
+        np.testing.assert_array_equal(found[0], copies[:k])
+        assert len(set(scores[0].tolist())) == 1

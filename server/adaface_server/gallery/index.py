@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from ..errors import FailedPrecondition
+from . import device_search
+from .device_search import DeviceMirror, DeviceRows
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +26,16 @@ _OVERFETCH = 4
 class _Buffer:
     """Append-only storage shared by successive Rows; rows below `used` are never rewritten."""
 
-    def __init__(self, dim: int, dtype: np.dtype, capacity: int) -> None:
+    def __init__(
+        self, dim: int, dtype: np.dtype, capacity: int, lineage: object | None = None
+    ) -> None:
         self.matrix = np.empty((capacity, dim), dtype=dtype)
         self.labels = np.empty(capacity, dtype=np.int64)
         self.keys = np.empty(capacity, dtype=np.int64)
         self.used = 0
+        # Shared by a buffer and the bigger copies it grows into (same rows below `used`);
+        # a device mirror keeps its rows while the lineage stays the same.
+        self.lineage = object() if lineage is None else lineage
 
     @property
     def capacity(self) -> int:
@@ -89,7 +96,9 @@ class Rows:
         need = self.n + m
         # Writing in place is safe only at the buffer's tip: no other Rows can see those rows.
         if buf.used != self.n or need > buf.capacity:
-            grown = _Buffer(self.dim, buf.matrix.dtype, max(need, int(buf.capacity * 1.5)))
+            # A copy from below the tip drops rows some other Rows saw: a new lineage then.
+            lineage = buf.lineage if buf.used == self.n else None
+            grown = _Buffer(self.dim, buf.matrix.dtype, max(need, int(buf.capacity * 1.5)), lineage)
             grown.matrix[: self.n] = buf.matrix[: self.n]
             grown.labels[: self.n] = buf.labels[: self.n]
             grown.keys[: self.n] = buf.keys[: self.n]
@@ -179,18 +188,42 @@ def top_rows(
         lo, hi = np.searchsorted(dead, [start, stop])
         if hi > lo:
             scores[:, torch.from_numpy(dead[lo:hi] - start)] = -torch.inf
-        part_s, part = torch.topk(scores, min(k, stop - start), dim=1, sorted=False)
+        part_s, part = _top_lowest_rows(scores, min(k, stop - start))
         best_s = torch.cat([best_s, part_s], dim=1)
         best_r = torch.cat([best_r, part + start], dim=1)
         if best_s.shape[1] > k:
-            best_s, keep = torch.topk(best_s, k, dim=1, sorted=False)
-            best_r = torch.gather(best_r, 1, keep)
+            # Best k by (score descending, row ascending): a stable sort by score of the
+            # candidates in row order.
+            by_row = torch.argsort(best_r, dim=1)
+            best_s, best_r = torch.gather(best_s, 1, by_row), torch.gather(best_r, 1, by_row)
+            order = torch.sort(best_s, dim=1, descending=True, stable=True).indices[:, :k]
+            best_s, best_r = torch.gather(best_s, 1, order), torch.gather(best_r, 1, order)
     scores_np, rows_np = best_s.numpy(), best_r.numpy()
     if half:
         exact = np.einsum("qkd,qd->qk", matrix[rows_np].astype(np.float32), probes)
         scores_np = np.where(np.isfinite(scores_np), exact, -np.inf).astype(np.float32)
-    order = np.argsort(-scores_np, axis=1, kind="stable")
+    # Best first; equal scores by row number (as the bf16 and device passes order them).
+    order = np.lexsort((rows_np, -scores_np), axis=1)
     return np.take_along_axis(scores_np, order, axis=1), np.take_along_axis(rows_np, order, axis=1)
+
+
+def _top_lowest_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk of each row of `scores`, except that of equal scores at the k-th place
+    the lowest columns win (topk picks any): results do not depend on the implementation.
+
+    The check is one pass over the scores, which are dim times smaller than the rows
+    they come from; the per-probe fix runs only where such a tie exists."""
+    top_s, top = torch.topk(scores, k, dim=1, sorted=False)
+    if k == scores.shape[1]:
+        return top_s, top
+    kth = top_s.min(dim=1, keepdim=True).values
+    outside = (scores == kth).sum(dim=1) > (top_s == kth).sum(dim=1)
+    for p in torch.nonzero(outside).flatten().tolist():
+        above = torch.nonzero(scores[p] > kth[p]).flatten()
+        tied = torch.nonzero(scores[p] == kth[p]).flatten()[: k - len(above)]
+        top[p] = torch.cat([above, tied])
+        top_s[p] = scores[p, top[p]]
+    return top_s, top
 
 
 # Many probes: a bf16 pass (about 3x the fp32 GEMM rate here) picks candidates, which are
@@ -273,6 +306,9 @@ class Snapshot:
     templates: Rows | None  # one unit row per identity (key = label), built on first use
     names: Mapping[int, str]  # label -> identity id; only grows between compactions
     identities: int = 0  # identities with at least one live sample
+    # With a search device: the same samples and templates, mirrored there in fp16.
+    device_samples: DeviceRows | None = None
+    device_templates: DeviceRows | None = None
 
 
 @dataclass(frozen=True)
@@ -287,6 +323,10 @@ class ExactIndex:
 
     Writers (one at a time, under `_lock`) publish a new Snapshot by a single reference
     assignment; searches take the current Snapshot and never lock.
+
+    `device` (a torch device, e.g. "cuda:0"; "cpu" runs the same code on the CPU) mirrors
+    the rows there in fp16 and searches them with device_search; None (the default)
+    searches the host rows with numpy and torch on the CPU. Results are the same.
     """
 
     kind = "exact"
@@ -298,14 +338,19 @@ class ExactIndex:
         chunk_bytes: int = 64 << 20,
         compact_ratio: float = 0.25,
         capacity: int = _MIN_CAPACITY,
+        device: str | None = None,
     ) -> None:
         self.dim = dim
         self.dtype = dtype
         self.chunk_bytes = chunk_bytes
         self.compact_ratio = compact_ratio
+        self.device = device
         self._lock = threading.Lock()
         self._template_rows: dict[int, int] = {}  # label -> template row (writer side)
+        # (samples, templates) mirrors on the search device, or None for host search.
+        self._mirrors = None if device is None else (DeviceMirror(device), DeviceMirror(device))
         self._snapshot = Snapshot(Rows.empty(dim, DTYPES[dtype], capacity), None, {})
+        self._publish(self._snapshot)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -318,6 +363,23 @@ class ExactIndex:
 
     def _extra_bytes(self) -> int:
         return 0
+
+    def device_bytes(self) -> int:
+        """Memory the search device holds for this index (0 without one)."""
+        snap = self._snapshot
+        return sum(d.nbytes for d in (snap.device_samples, snap.device_templates) if d)
+
+    def _publish(self, snap: Snapshot) -> Snapshot:
+        """Makes `snap` the one searches read, mirrored on the search device first."""
+        if self._mirrors is not None:
+            samples, templates = self._mirrors
+            snap = replace(
+                snap,
+                device_samples=samples.sync(snap.samples),
+                device_templates=None if snap.templates is None else templates.sync(snap.templates),
+            )
+        self._snapshot = snap
+        return snap
 
     # -- writes ------------------------------------------------------------------------
 
@@ -346,7 +408,7 @@ class ExactIndex:
             new = Snapshot(samples, templates, names, identities)
             if samples.dead.size > max(_MIN_CAPACITY, self.compact_ratio * samples.n):
                 new = self._compact(new)
-            self._snapshot = new
+            self._publish(new)
 
     def _cast(self, vectors: np.ndarray) -> np.ndarray:
         return vectors.astype(DTYPES[self.dtype], copy=False)
@@ -398,7 +460,7 @@ class ExactIndex:
                 templates = templates.appended(labels, labels, self._cast(means))
                 self._template_rows = {int(lb): i for i, lb in enumerate(labels)}
                 snap = Snapshot(samples, templates, snap.names, snap.identities)
-                self._snapshot = snap
+                snap = self._publish(snap)
             return snap
 
     # -- search --------------------------------------------------------------------------
@@ -421,10 +483,22 @@ class ExactIndex:
         snap = self._snapshot
         return self._search_max(snap, probes, k, min_score, should_stop), snap.identities
 
+    def _top_rows(
+        self,
+        rows: Rows,
+        mirror: DeviceRows | None,
+        probes: np.ndarray,
+        k: int,
+        should_stop: StopCheck,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if mirror is None:
+            return top_rows(rows, probes, k, self.chunk_bytes, should_stop)
+        return device_search.top_rows(mirror, rows, probes, k, self.chunk_bytes, should_stop)
+
     def _candidates(
         self, snap: Snapshot, probes: np.ndarray, want: int, should_stop: StopCheck = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        return top_rows(snap.samples, probes, want, self.chunk_bytes, should_stop)
+        return self._top_rows(snap.samples, snap.device_samples, probes, want, should_stop)
 
     def _search_max(
         self,
@@ -463,7 +537,7 @@ class ExactIndex:
     ) -> list[list[Hit]]:
         templates = snap.templates
         assert templates is not None
-        scores, rows = top_rows(templates, probes, k, self.chunk_bytes, should_stop)
+        scores, rows = self._top_rows(templates, snap.device_templates, probes, k, should_stop)
         samples = snap.samples
         out = []
         for j in range(len(probes)):
@@ -628,8 +702,15 @@ def create_index(
     capacity: int = _MIN_CAPACITY,
     hnsw_m: int = 32,
     hnsw_ef_search: int = 128,
+    device: str | None = None,
 ) -> ExactIndex:
+    """An empty index; `device` None searches on the host, a torch device there (exact only)."""
     if kind == "hnsw":
+        if device is not None:
+            raise FailedPrecondition(
+                "--gallery-index hnsw searches on the CPU: use --gallery-device cpu "
+                "(or --gallery-index exact to search on the GPU)"
+            )
         return HnswIndex(
             dim,
             dtype,
@@ -639,4 +720,4 @@ def create_index(
             m=hnsw_m,
             ef_search=hnsw_ef_search,
         )
-    return ExactIndex(dim, dtype, chunk_bytes, compact_ratio, capacity)
+    return ExactIndex(dim, dtype, chunk_bytes, compact_ratio, capacity, device)

@@ -110,11 +110,12 @@ class GalleryService:
         self._follower.start()
         self._ready = True
         log.info(
-            "gallery store %s: %d galleries, %d samples indexed in %.2fs",
+            "gallery store %s: %d galleries, %d samples indexed in %.2fs, searched on %s",
             self.store.path,
             len(self._galleries),
             sum(g.samples for g in self._galleries.values()),
             time.perf_counter() - started,
+            self.settings.gallery_device,
         )
 
     def _new_index(self, dim: int, capacity: int = 0) -> ExactIndex:
@@ -128,6 +129,7 @@ class GalleryService:
             capacity=max(capacity, 1024),
             hnsw_m=s.gallery_hnsw_m,
             hnsw_ef_search=s.gallery_hnsw_ef_search,
+            device=None if s.gallery_device == "cpu" else s.gallery_device,
         )
 
     async def close(self) -> None:
