@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+from adaface_server.backends import precision
 from adaface_server.errors import StartupError
 from adaface_server.preprocess.align import align_face, mtcnn_landmarks
 from adaface_server.preprocess.detect import MTCNN, DetectParams, Selection, nms
@@ -151,3 +153,79 @@ def test_upstream_softmax_matches_adaface_pipeline(detector: MTCNN) -> None:
     crop = crop.reshape(ref["crop_shape"])
     ours = align_face(astronaut, face.landmarks).astype(np.int16)
     assert np.abs(ours - crop).max() <= 3
+
+
+PHOTOS = {
+    "astronaut": skimage.data.astronaut,
+    "two_faces": two_faces,
+    "cat": skimage.data.chelsea,
+    "coffee": skimage.data.coffee,
+}
+
+
+def test_detect_many_matches_one_photo_at_a_time(detector: MTCNN) -> None:
+    """R-Net and O-Net batched across photos give each photo the faces it gets alone."""
+    images = [make() for make in PHOTOS.values()]
+    params = [DetectParams(), DetectParams(min_face_size=80), DetectParams(), DetectParams()]
+    together = detector.detect_many(images, params)
+    assert [len(f) for f in together] == [1, 1, 0, 0]
+    for image, p, faces in zip(images, params, together, strict=True):
+        alone = detector.detect(image, p)
+        assert len(alone) == len(faces)
+        for a, b in zip(alone, faces, strict=True):
+            # Batch composition changes the order of float sums only.
+            assert np.abs(a.landmarks - b.landmarks).max() < 1e-3
+            assert np.abs(a.box - b.box).max() < 1e-3
+            assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
+def test_fast_pyramid_stays_within_one_level_of_pils(detector: MTCNN) -> None:
+    """The torch pyramid (default) against the PIL one (upstream_softmax): |diff| <= 1/255."""
+    image = two_faces()
+    sizes = [(math.ceil(1024 * s), math.ceil(512 * s)) for s in (0.6, 0.43, 0.2, 0.05)]
+    pil = list(detector._pyramid(image, sizes, exact=True))
+    fast = list(detector._pyramid(image, sizes, exact=False))
+    for a, b in zip(pil, fast, strict=True):
+        assert a.shape == b.shape
+        # Normalised pixels: one uint8 level is 1/128 apart.
+        assert (a - b).abs().max().item() <= 1 / 128 + 1e-6
+        assert (a != b).float().mean().item() < 0.01
+
+
+@pytest.mark.skipif(not precision.cpu_supports_bf16(), reason="no bf16 kernels on this CPU")
+def test_bf16_detector_finds_the_same_faces() -> None:
+    bf16 = MTCNN(WEIGHTS, precision="bf16")
+    for make in PHOTOS.values():
+        image = make()
+        ref, faces = MTCNN(WEIGHTS).detect(image), bf16.detect(image)
+        assert len(faces) == len(ref)
+        for a, b in zip(ref, faces, strict=True):
+            assert np.abs(a.landmarks - b.landmarks).max() < 3.0
+            assert a.score == pytest.approx(b.score, abs=0.02)
+
+
+@pytest.mark.skipif(not precision.cpu_supports_bf16(), reason="no bf16 kernels on this CPU")
+def test_upstream_option_stays_exact_fp32_on_a_bf16_detector(detector: MTCNN) -> None:
+    image = skimage.data.astronaut()
+    params = DetectParams(upstream_softmax=True)
+    (ref,) = detector.detect(image, params)
+    (face,) = MTCNN(WEIGHTS, precision="bf16").detect(image, params)
+    np.testing.assert_array_equal(face.landmarks, ref.landmarks)
+    assert face.score == ref.score
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_cuda_detector_finds_the_same_faces(detector: MTCNN, dtype: str) -> None:
+    cuda = MTCNN(WEIGHTS, device="cuda", precision=dtype)
+    for make in PHOTOS.values():
+        image = make()
+        ref, faces = detector.detect(image), cuda.detect(image)
+        assert len(faces) == len(ref)
+        for a, b in zip(ref, faces, strict=True):
+            assert np.abs(a.landmarks - b.landmarks).max() < (0.5 if dtype == "fp32" else 3.0)
+    # The parity option runs fp32 and PIL's pyramid wherever the detector lives.
+    (face,) = cuda.detect(skimage.data.astronaut(), DetectParams(upstream_softmax=True))
+    (ref,) = detector.detect(skimage.data.astronaut(), DetectParams(upstream_softmax=True))
+    assert np.abs(face.landmarks - ref.landmarks).max() < 0.05

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -22,6 +24,8 @@ THRESHOLDS = (0.6, 0.7, 0.9)
 NMS_THRESHOLDS = (0.7, 0.7, 0.7)
 _PNET_SCALE_NMS = 0.5  # run_first_stage's per-scale NMS
 _CELL, _STRIDE = 12, 2
+_BILINEAR = Image.Resampling.BILINEAR
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Selection(Enum):
@@ -56,9 +60,12 @@ class Face:
 
 
 def _normalise(batch: np.ndarray) -> torch.Tensor:
-    """uint8/float NHWC RGB -> contiguous float32 NCHW in MTCNN's (x - 127.5) / 128 scale."""
+    """uint8/float NHWC RGB -> float32 NCHW (channels-last memory) in MTCNN's scale.
+
+    The permuted view of an NHWC array is already channels-last, the layout the nets are
+    kept in: on CPU their max-pools and convolutions ran 2-4x faster that way than NCHW."""
     x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-    return ((x - 127.5) * 0.0078125).permute(0, 3, 1, 2).contiguous()
+    return ((x - 127.5) * 0.0078125).permute(0, 3, 1, 2)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "union") -> np.ndarray:
@@ -100,92 +107,171 @@ def _square(boxes: np.ndarray) -> np.ndarray:
     return np.stack([x1, y1, x1 + side - 1.0, y1 + side - 1.0], axis=1)
 
 
-def _crops(image: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
-    """Cuts integer boxes out of the image (zero padding outside) resized to size x size."""
-    height, width = image.shape[:2]
-    out = np.zeros((len(boxes), size, size, 3), dtype=np.uint8)
-    for n, (x1, y1, x2, y2) in enumerate(boxes.astype(np.int64)):
-        patch = np.zeros((y2 - y1 + 1, x2 - x1 + 1, 3), dtype=np.uint8)
-        sx1, sy1 = max(x1, 0), max(y1, 0)
-        sx2, sy2 = min(x2, width - 1), min(y2, height - 1)
-        if sx1 <= sx2 and sy1 <= sy2:
-            patch[sy1 - y1 : sy2 - y1 + 1, sx1 - x1 : sx2 - x1 + 1] = image[
-                sy1 : sy2 + 1, sx1 : sx2 + 1
-            ]
-        # PIL bilinear, as upstream's get_image_boxes.
-        out[n] = np.asarray(Image.fromarray(patch).resize((size, size), Image.BILINEAR))
+def _crops(image: Image.Image, boxes: np.ndarray, size: int) -> np.ndarray:
+    """Cuts integer boxes out of the image (zero padding outside) resized to size x size.
+
+    Upstream's get_image_boxes: a zero-padded patch, then PIL bilinear. PIL's own crop pads
+    with zeros outside the image, which is the same patch without the numpy round trip."""
+    out = np.empty((len(boxes), size, size, 3), dtype=np.uint8)
+    for n, (x1, y1, x2, y2) in enumerate(boxes.astype(np.int64).tolist()):
+        out[n] = np.asarray(image.crop((x1, y1, x2 + 1, y2 + 1)).resize((size, size), _BILINEAR))
     return out
 
 
 class MTCNN:
-    """Thread-safe detector; `detect` works on an RGB uint8 HxWx3 array."""
+    """Thread-safe detector; `detect` works on an RGB uint8 HxWx3 array.
 
-    def __init__(self, weights_dir: Path, max_side: int = 1024, threads: int = 0) -> None:
-        self.pnet, self.rnet, self.onet = load_nets(weights_dir)
+    The nets run on `device` at `precision` ("fp32", "bf16" or "fp16"); their outputs come
+    back as float32. `detect_many` runs the R-Net and O-Net stages once for all the images
+    of a call. Requests with `upstream_softmax` (the parity option) always run the upstream
+    way: fp32, and the image pyramid resized by PIL as upstream does; otherwise the pyramid
+    is resized by torch on the device (uint8 antialiased bilinear on CPU, within one level
+    of PIL's pixels, ~3.5x faster).
+    """
+
+    def __init__(
+        self,
+        weights_dir: Path,
+        max_side: int = 1024,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.device = torch.device(device)
+        self.precision = precision
+        self.pnet, self.rnet, self.onet = (
+            net.to(self.device, memory_format=torch.channels_last) for net in load_nets(weights_dir)
+        )
         self.max_side = max_side
-        self.threads = threads
         # torch modules are safe to share, but one detection at a time keeps the
         # intra-op thread pool from being oversubscribed by preprocessing workers.
         self._lock = threading.Lock()
 
     def detect(self, image: np.ndarray, params: DetectParams = DetectParams()) -> list[Face]:
         """Every face scoring above params.min_score, best score first."""
-        height, width = image.shape[:2]
-        scale = 1.0
-        small = image
-        if max(height, width) > self.max_side:
-            # Detect on a bounded copy; landmarks map back to the full-resolution image.
-            scale = self.max_side / max(height, width)
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            small = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-            scale_x, scale_y = size[0] / width, size[1] / height
-        else:
-            scale_x = scale_y = 1.0
-        min_face = max(params.min_face_size * scale, float(_CELL))
+        return self.detect_many([image], [params])[0]
+
+    def detect_many(
+        self, images: Sequence[np.ndarray], params: Sequence[DetectParams]
+    ) -> list[list[Face]]:
+        """detect() for each image (with its own params); R-Net and O-Net batched across them."""
+        if len(images) != len(params):
+            raise ValueError(f"{len(images)} images but {len(params)} params")
+        shrunk = [self._shrink(image) for image in images]
         with self._lock, torch.inference_mode():
-            boxes, scores, points = self._run(small, min_face, params)
-        faces = []
-        for box, score, pts in zip(boxes, scores, points, strict=True):
-            box = box / np.array([scale_x, scale_y, scale_x, scale_y])
-            pts = pts / np.array([scale_x, scale_y])
-            side = min(box[2] - box[0] + 1.0, box[3] - box[1] + 1.0)
-            if side < params.min_face_size:
-                continue
-            faces.append(Face(box=box, score=float(score), landmarks=pts))
-        return faces
+            found = self._run(
+                [small for small, _ in shrunk],
+                [
+                    max(p.min_face_size * scale[0], float(_CELL))
+                    for p, (_, scale) in zip(params, shrunk, strict=True)
+                ],
+                params,
+            )
+        out = []
+        for (boxes, scores, points), (_, (_, sx, sy)), p in zip(found, shrunk, params, strict=True):
+            faces = []
+            for box, score, pts in zip(boxes, scores, points, strict=True):
+                box = box / np.array([sx, sy, sx, sy])
+                pts = pts / np.array([sx, sy])
+                side = min(box[2] - box[0] + 1.0, box[3] - box[1] + 1.0)
+                if side < p.min_face_size:
+                    continue
+                faces.append(Face(box=box, score=float(score), landmarks=pts))
+            out.append(faces)
+        return out
+
+    def _shrink(self, image: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
+        """A copy bounded by max_side (landmarks map back to the full image) and its scales."""
+        height, width = image.shape[:2]
+        if max(height, width) <= self.max_side:
+            return image, (1.0, 1.0, 1.0)
+        scale = self.max_side / max(height, width)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        small = np.asarray(Image.fromarray(image).resize(size, _BILINEAR))
+        return small, (scale, size[0] / width, size[1] / height)
+
+    def _autocast(self, exact: bool):
+        dtype = PRECISIONS[self.precision]
+        if exact or dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _net(self, net: torch.nn.Module, batch: np.ndarray, exact: bool) -> list[np.ndarray]:
+        """Runs a net on uint8 NHWC crops; its outputs as float32 numpy arrays."""
+        x = _normalise(batch).to(self.device, non_blocking=True)
+        with self._autocast(exact):
+            outputs = net(x)
+        return [o.float().cpu().numpy() for o in outputs]
 
     def _run(
-        self, image: np.ndarray, min_face: float, params: DetectParams
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self, images: list[np.ndarray], min_faces: list[float], params: Sequence[DetectParams]
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         empty = (np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2)))
-        boxes = self._stage1(image, min_face, params.upstream_softmax)
-        if not len(boxes):
-            return empty
-        # Stage 2: R-Net on 24x24 crops, one batch.
-        logits, offsets = self.rnet(_normalise(_crops(image, boxes, 24)))
-        probs = torch.softmax(logits, dim=1)[:, 1].numpy().astype(np.float64)
-        offsets = offsets.numpy().astype(np.float64)
-        keep = probs > THRESHOLDS[1]
-        boxes, scores, offsets = boxes[keep], probs[keep], offsets[keep]
-        keep = nms(boxes, scores, NMS_THRESHOLDS[1])
-        boxes = _valid(np.round(_square(_calibrate(boxes[keep], offsets[keep]))))
-        if not len(boxes):
-            return empty
-        # Stage 3: O-Net on 48x48 crops: scores, offsets, landmarks.
-        logits, offsets, marks = self.onet(_normalise(_crops(image, boxes, 48)))
-        probs = torch.softmax(logits, dim=1)[:, 1].numpy().astype(np.float64)
-        offsets = offsets.numpy().astype(np.float64)
-        marks = marks.numpy().astype(np.float64)
-        keep = probs > params.min_score
-        boxes, scores, offsets, marks = boxes[keep], probs[keep], offsets[keep], marks[keep]
-        w = boxes[:, 2:3] - boxes[:, 0:1] + 1.0
-        h = boxes[:, 3:4] - boxes[:, 1:2] + 1.0
-        xs = boxes[:, 0:1] + w * marks[:, 0:5]
-        ys = boxes[:, 1:2] + h * marks[:, 5:10]
-        boxes = _calibrate(boxes, offsets)
-        keep = nms(boxes, scores, NMS_THRESHOLDS[2], mode="min")
-        points = np.stack([xs, ys], axis=2)
-        return boxes[keep], scores[keep], points[keep]
+        exact = any(p.upstream_softmax for p in params)
+        boxes = [
+            self._stage1(image, min_face, p.upstream_softmax)
+            for image, min_face, p in zip(images, min_faces, params, strict=True)
+        ]
+        pils = [Image.fromarray(image) for image in images]
+        # Stage 2: R-Net on 24x24 crops, one batch for every image.
+        crops = [_crops(pil, b, 24) for pil, b in zip(pils, boxes, strict=True) if len(b)]
+        if not crops:
+            return [empty] * len(images)
+        logits, offsets = self._net(self.rnet, np.concatenate(crops), exact)
+        probs, offsets = _face_probability(logits), offsets.astype(np.float64)
+        refined = []
+        for b, (lo, hi) in zip(boxes, _spans(boxes), strict=True):
+            p, off = probs[lo:hi], offsets[lo:hi]
+            keep = p > THRESHOLDS[1]
+            b, p, off = b[keep], p[keep], off[keep]
+            keep = nms(b, p, NMS_THRESHOLDS[1])
+            refined.append(_valid(np.round(_square(_calibrate(b[keep], off[keep])))))
+        # Stage 3: O-Net on 48x48 crops: scores, offsets, landmarks; one batch again.
+        crops = [_crops(pil, b, 48) for pil, b in zip(pils, refined, strict=True) if len(b)]
+        if not crops:
+            return [empty] * len(images)
+        logits, offsets, marks = self._net(self.onet, np.concatenate(crops), exact)
+        probs = _face_probability(logits)
+        offsets, marks = offsets.astype(np.float64), marks.astype(np.float64)
+        out = []
+        for b, (lo, hi), p in zip(refined, _spans(refined), params, strict=True):
+            if hi == lo:
+                out.append(empty)
+                continue
+            score, off, mk = probs[lo:hi], offsets[lo:hi], marks[lo:hi]
+            keep = score > p.min_score
+            b, score, off, mk = b[keep], score[keep], off[keep], mk[keep]
+            w = b[:, 2:3] - b[:, 0:1] + 1.0
+            h = b[:, 3:4] - b[:, 1:2] + 1.0
+            xs = b[:, 0:1] + w * mk[:, 0:5]
+            ys = b[:, 1:2] + h * mk[:, 5:10]
+            b = _calibrate(b, off)
+            keep = nms(b, score, NMS_THRESHOLDS[2], mode="min")
+            points = np.stack([xs, ys], axis=2)
+            out.append((b[keep], score[keep], points[keep]))
+        return out
+
+    def _pyramid(self, image: np.ndarray, sizes: list[tuple[int, int]], exact: bool):
+        """Each (width, height) of the pyramid as a normalised float32 tensor on the device."""
+        if exact:
+            pil = Image.fromarray(image)
+            for size in sizes:
+                yield _normalise(np.asarray(pil.resize(size, _BILINEAR))[None]).to(self.device)
+            return
+        if not image.flags.writeable:
+            image = image.copy()  # torch.from_numpy warns about read-only arrays
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+        pixels = pixels.permute(2, 0, 1)[None]  # channels-last NCHW view
+        if self.device.type != "cpu":
+            pixels = pixels.float()  # antialiased uint8 resizing is a CPU kernel
+        for width, height in sizes:
+            level = torch.nn.functional.interpolate(
+                pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False
+            )
+            if level.dtype != torch.uint8:
+                level = level.round_().clamp_(0, 255)  # the uint8 pixels PIL would produce
+            yield (level.float() - 127.5) * 0.0078125
 
     def _stage1(self, image: np.ndarray, min_face: float, upstream_softmax: bool) -> np.ndarray:
         """P-Net over the image pyramid: candidate square boxes, rounded to integers."""
@@ -196,20 +282,21 @@ class MTCNN:
         while length > _CELL:
             scales.append(m * FACTOR ** len(scales))
             length *= FACTOR
-        pil = Image.fromarray(image)
+        sizes = [(math.ceil(width * s), math.ceil(height * s)) for s in scales]
         found_boxes, found_scores, found_offsets = [], [], []
-        for s in scales:
-            size = (math.ceil(width * s), math.ceil(height * s))
-            pixels = np.asarray(pil.resize(size, Image.BILINEAR))
-            logits, offsets = self.pnet(_normalise(pixels[None]))
+        levels = self._pyramid(image, sizes, exact=upstream_softmax)
+        for s, level in zip(scales, levels, strict=True):
+            with self._autocast(upstream_softmax):
+                logits, offsets = self.pnet(level)
             # Upstream normalises over the last (width) axis, not the class axis: a bug
             # kept behind `upstream_softmax` for parity with AdaFace's own pipeline.
-            probs = torch.softmax(logits, dim=-1 if upstream_softmax else 1)[0, 1].numpy()
+            probs = torch.softmax(logits.float(), dim=-1 if upstream_softmax else 1)[0, 1]
+            probs, offsets = probs.cpu().numpy(), offsets[0].float().cpu().numpy()
             rows, cols = np.nonzero(probs > THRESHOLDS[0])
             if not rows.size:
                 continue
             score = probs[rows, cols].astype(np.float64)
-            off = offsets[0][:, rows, cols].numpy().T.astype(np.float64)
+            off = offsets[:, rows, cols].T.astype(np.float64)
             boxes = np.stack(
                 [
                     np.round((_STRIDE * cols + 1.0) / s),
@@ -230,6 +317,17 @@ class MTCNN:
         offsets = np.concatenate(found_offsets)
         keep = nms(boxes, scores, NMS_THRESHOLDS[0])
         return _valid(np.round(_square(_calibrate(boxes[keep], offsets[keep]))))
+
+
+def _face_probability(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the two classes in float32 (as upstream), face column as float64."""
+    return torch.softmax(torch.from_numpy(logits), dim=1)[:, 1].numpy().astype(np.float64)
+
+
+def _spans(groups: list[np.ndarray]) -> list[tuple[int, int]]:
+    """(start, end) rows of each group in their concatenation (empty groups included)."""
+    ends = np.cumsum([len(g) for g in groups]).tolist()
+    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 def _valid(boxes: np.ndarray) -> np.ndarray:
