@@ -31,15 +31,21 @@ from .preprocess.decode import DecodeLimits, ImageRejected
 from .preprocess.detect import MTCNN, DetectParams, Face
 from .preprocess.pipeline import (
     AlignMode,
+    DecodedPhoto,
     FaceCrop,
     ImageItem,
-    detect_crops,
+    decode_for_detection,
+    detect_crops_many,
     face_crop,
     png_bytes,
     to_model_input,
 )
 
 log = logging.getLogger(__name__)
+
+# Photos of a call go through the detector together, up to this many at a time: its R-Net
+# and O-Net run once per group, and only a group's decoded pixels are held at once.
+DETECT_GROUP = 8
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,7 @@ class EmbeddingService:
         # Loaded at construction so missing weights stop the server at start-up.
         self.detector: MTCNN | None = None
         if settings.detector == "mtcnn":
-            self.detector = MTCNN(settings.mtcnn_weights, settings.detect_max_side)
+            self.detector = _load_detector(settings)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -344,7 +350,19 @@ class EmbeddingService:
     def _crops(
         self, items: Sequence[ImageItem], params: DetectParams, deadline: float | None = None
     ) -> list[np.ndarray | list[FaceCrop] | ImageOutcome]:
-        crops: list[np.ndarray | list[FaceCrop] | ImageOutcome] = []
+        crops: list[np.ndarray | list[FaceCrop] | ImageOutcome | None] = [None] * len(items)
+        photos: list[tuple[int, DecodedPhoto]] = []  # decoded, waiting for the detector
+
+        def rejected(i: int, exc: ImageRejected) -> ImageOutcome:
+            return ImageOutcome(error_reason=exc.reason, error_message=f"images[{i}]: {exc}")
+
+        def detect_pending() -> None:
+            assert self.detector is not None
+            found = detect_crops_many([p for _, p in photos], self.detector, params)
+            for (i, _), result in zip(photos, found, strict=True):
+                crops[i] = rejected(i, result) if isinstance(result, ImageRejected) else result
+            photos.clear()
+
         for i, item in enumerate(items):
             if deadline is not None and time.monotonic() >= deadline:
                 # Runs in a worker thread: the caller has gone; stop spending CPU on it.
@@ -352,14 +370,18 @@ class EmbeddingService:
             try:
                 if item.mode is AlignMode.DETECT:
                     assert self.detector is not None
-                    crops.append(detect_crops(item, self.limits, self.detector, params))
+                    photos.append(
+                        (i, decode_for_detection(item, self.limits, self.detector.max_side))
+                    )
+                    if len(photos) == DETECT_GROUP:
+                        detect_pending()
                 else:
-                    crops.append(face_crop(item, self.limits))
+                    crops[i] = face_crop(item, self.limits)
             except ImageRejected as exc:
-                crops.append(
-                    ImageOutcome(error_reason=exc.reason, error_message=f"images[{i}]: {exc}")
-                )
-        return crops
+                crops[i] = rejected(i, exc)
+        if photos:
+            detect_pending()
+        return [c for c in crops if c is not None]
 
     async def _timed_infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         started = time.perf_counter()
@@ -396,3 +418,24 @@ def _checkpoint_weights(meta: dict) -> str:
     name = meta.get("checkpoint_file") or "(file name not recorded)"
     digest = meta.get("checkpoint_sha256")
     return f"checkpoint {name}" + (f" (sha256 {digest[:12]})" if digest else "")
+
+
+def _load_detector(settings: Settings) -> MTCNN:
+    """MTCNN on the device and at the precision --detect-device / --detect-precision give."""
+    from .backends.precision import PrecisionError, detector_placement
+
+    try:
+        device, precision = detector_placement(
+            settings.detect_device, settings.detect_precision, settings.device
+        )
+    except PrecisionError as exc:
+        raise StartupError(str(exc)) from None
+    detector = MTCNN(settings.mtcnn_weights, settings.detect_max_side, device, precision)
+    log.info(
+        "face detector MTCNN runs on %s in %s (requested --detect-device %s --detect-precision %s)",
+        device,
+        precision,
+        settings.detect_device,
+        settings.detect_precision,
+    )
+    return detector

@@ -94,3 +94,22 @@ def test_reduced_precision_embeddings_are_unit_length(ir18_repository, golden_ir
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-6, rtol=0)
     cosine = (embeddings * golden_ir18["embeddings"].numpy()).sum(1)
     assert cosine.min() >= GATE_MIN_COSINE, cosine
+
+
+def test_detector_follows_the_model_device_and_runs_fp32_on_cpu():
+    assert precision.detector_placement("auto", "auto", "cpu") == (torch.device("cpu"), "fp32")
+    assert precision.detector_placement("cpu", "fp32", "auto") == (torch.device("cpu"), "fp32")
+    with pytest.raises(PrecisionError, match="--detect-precision fp16 needs a CUDA device"):
+        precision.detector_placement("cpu", "fp16", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+def test_detector_on_cuda_is_refused_without_cuda():
+    with pytest.raises(PrecisionError, match="--detect-device cuda: no CUDA device"):
+        precision.detector_placement("cuda", "auto", "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_detector_runs_fp16_on_cuda_by_default():
+    assert precision.detector_placement("auto", "auto", "auto") == (torch.device("cuda", 0), "fp16")

@@ -96,6 +96,27 @@ def check_supported(device, precision: str) -> None:
         raise PrecisionError(f"--precision {precision} is not supported on {device}")
 
 
+def detector_placement(device_setting: str, precision_setting: str, model_device: str):
+    """(torch.device, precision) for the face detector.
+
+    --detect-device auto follows the model's --device; --detect-precision auto is fp16 on
+    CUDA and fp32 on CPUs, where bf16 ran MTCNN's few-channel convolutions, PReLUs and pools
+    slower than fp32 (bench/bench_detect.py prints both)."""
+    try:
+        device = resolve_device(model_device if device_setting == "auto" else device_setting)
+    except PrecisionError as exc:
+        if device_setting == "auto":
+            raise
+        raise PrecisionError(str(exc).replace("--device", "--detect-device")) from None
+    if precision_setting == "auto":
+        return device, "fp16" if device.type == "cuda" else "fp32"
+    try:
+        check_supported(device, precision_setting)
+    except PrecisionError as exc:
+        raise PrecisionError(str(exc).replace("--precision", "--detect-precision")) from None
+    return device, precision_setting
+
+
 class ModelRunner:
     """Runs a TorchScript module on one device at one precision: numpy in (float32, or uint8
     pixels when input_dtype is "uint8"), fp32 out.

@@ -82,20 +82,53 @@ def select_faces(faces: list[Face], selection: Selection) -> list[Face]:
     return [faces[0]]
 
 
+@dataclass(frozen=True)
+class DecodedPhoto:
+    """A photo decoded for detection; `factor` maps its pixels back to the original's."""
+
+    pixels: np.ndarray
+    factor: float = 1.0
+
+
+def decode_for_detection(item: ImageItem, limits: DecodeLimits, max_side: int) -> DecodedPhoto:
+    """Large JPEGs decode at reduced scale: detection runs at max_side anyway."""
+    if item.encoded is not None:
+        return DecodedPhoto(*decode_reduced(item.encoded, limits, max_side))
+    return DecodedPhoto(load_pixels(item, limits))
+
+
+def detect_crops_many(
+    photos: list[DecodedPhoto], detector: MTCNN, params: DetectParams
+) -> list[list[FaceCrop] | ImageRejected]:
+    """Detects, selects and aligns the faces of several photos, the detector's nets batched
+    across them; each photo's crops, or ImageRejected (NO_FACE, ALIGNMENT_FAILED)."""
+    reduced = [
+        dataclasses.replace(params, min_face_size=params.min_face_size / p.factor) for p in photos
+    ]
+    found = detector.detect_many([p.pixels for p in photos], reduced)
+    out: list[list[FaceCrop] | ImageRejected] = []
+    for photo, faces in zip(photos, found, strict=True):
+        try:
+            out.append(_aligned_faces(photo, select_faces(faces, params.selection), params))
+        except ImageRejected as exc:
+            out.append(exc)
+    return out
+
+
 def detect_crops(
     item: ImageItem, limits: DecodeLimits, detector: MTCNN, params: DetectParams
 ) -> list[FaceCrop]:
     """Detects, selects and aligns faces; ImageRejected(NO_FACE) when none is usable."""
-    factor = 1.0
-    if item.encoded is not None:
-        # Large JPEGs decode at reduced scale: detection runs at detector.max_side anyway.
-        pixels, factor = decode_reduced(item.encoded, limits, detector.max_side)
-    else:
-        pixels = load_pixels(item, limits)
-    height, width = (round(n * factor) for n in pixels.shape[:2])
-    reduced = dataclasses.replace(params, min_face_size=params.min_face_size / factor)
-    faces = select_faces(detector.detect(pixels, reduced), params.selection)
+    photo = decode_for_detection(item, limits, detector.max_side)
+    (result,) = detect_crops_many([photo], detector, params)
+    if isinstance(result, ImageRejected):
+        raise result
+    return result
+
+
+def _aligned_faces(photo: DecodedPhoto, faces: list[Face], params: DetectParams) -> list[FaceCrop]:
     if not faces:
+        height, width = (round(n * photo.factor) for n in photo.pixels.shape[:2])
         raise ImageRejected(
             "NO_FACE",
             f"no face found in the {width}x{height} image (min_face_size "
@@ -106,8 +139,8 @@ def detect_crops(
         try:
             # Warped from the decoded pixels: full resolution, or for a large JPEG at least
             # max_side on the long side, finer than the downscaled copy detection ran on.
-            crop = align_with(pixels, face.landmarks, params.align_method)
-            out.append(FaceCrop(_scaled(face, factor), crop))
+            crop = align_with(photo.pixels, face.landmarks, params.align_method)
+            out.append(FaceCrop(_scaled(face, photo.factor), crop))
         except AlignmentError as exc:
             if len(faces) == 1:
                 raise ImageRejected("ALIGNMENT_FAILED", f"detected face: {exc}") from None
