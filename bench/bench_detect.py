@@ -1,15 +1,20 @@
-"""MTCNN detection latency on photos of several sizes (astronaut scaled, so a face is found).
+"""MTCNN detection cost: photo sizes, the parity path vs the default, precision, batching.
 
 Usage: python bench/bench_detect.py [--repeats 5] [--threads 2] [--weights .cache/mtcnn]
 
 Prints the median ms per detect() call at 512^2, 1024^2 and 1600x1200 (the last is
-downscaled to --detect-max-side 1024 first, as the server does). Figures are only
-comparable within one run.
+downscaled to --detect-max-side 1024 first, as the server does), then ms per 640x480 photo
+(bench_server's photos: one face on a noisy background) for: the upstream parity path
+(`upstream_softmax`: PIL's pyramid, fp32), the default (torch's pyramid) one photo at a
+time, the default with 8 photos per detect_many() call (R-Net and O-Net batched, what
+the server does with a call's photos), and the same at bf16 where the CPU has bf16
+kernels. Figures are only comparable within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import sys
 import time
@@ -20,9 +25,23 @@ import skimage.data
 import torch
 from PIL import Image
 
-from adaface_server.preprocess.detect import MTCNN
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_server import face_photos
+
+from adaface_server.backends.precision import cpu_supports_bf16
+from adaface_server.preprocess.detect import MTCNN, DetectParams
 
 SIZES = ((512, 512), (1024, 1024), (1600, 1200))
+
+
+def per_photo_ms(run, photos: list[np.ndarray], repeats: int) -> float:
+    run(photos)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(photos)
+        times.append((time.perf_counter() - start) * 1000 / len(photos))
+    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +67,30 @@ def main(argv: list[str] | None = None) -> int:
             f"{width}x{height}: {statistics.median(times):7.1f} ms median "
             f"(min {min(times):.1f}), {len(faces)} face(s)"
         )
+
+    photos = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in face_photos(8)]
+    exact = DetectParams(upstream_softmax=True)
+    rows = {
+        "parity path (PIL pyramid, fp32), one photo per call": lambda ps: [
+            detector.detect(p, exact) for p in ps
+        ],
+        "default fp32, one photo per call": lambda ps: [detector.detect(p) for p in ps],
+        "default fp32, 8 photos per call": lambda ps: detector.detect_many(
+            ps, [DetectParams()] * len(ps)
+        ),
+    }
+    if cpu_supports_bf16():
+        bf16 = MTCNN(args.weights, max_side=args.max_side, precision="bf16")
+        rows["bf16, 8 photos per call"] = lambda ps: bf16.detect_many(
+            ps, [DetectParams()] * len(ps)
+        )
+    print("\n| 640x480 photos | ms per photo | / parity path |")
+    print("|---|---:|---:|")
+    base = None
+    for label, run in rows.items():
+        ms = per_photo_ms(run, photos, args.repeats)
+        base = base or ms
+        print(f"| {label} | {ms:.1f} | {base / ms:.2f}x |")
     return 0
 
 
