@@ -239,3 +239,12 @@ def test_missing_weights_stop_the_server_at_start_up(ir18_repository, tmp_path: 
     repository, name = ir18_repository
     with pytest.raises(StartupError, match=r"pnet\.pt is missing; fetch them with"):
         App(server_settings(repository, name, mtcnn_weights=tmp_path))
+
+
+def test_a_detector_precision_the_device_lacks_stops_the_server_at_start_up(
+    ir18_repository,
+) -> None:
+    repository, name = ir18_repository
+    settings = server_settings(repository, name, detect_device="cpu", detect_precision="fp16")
+    with pytest.raises(StartupError, match=r"--detect-precision fp16 needs a CUDA device"):
+        App(settings)
