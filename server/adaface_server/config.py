@@ -188,7 +188,10 @@ class Settings:
     )
     sampling_knn_block: int = field(
         default=2048,
-        metadata={"help": "kNN tile side: memory is about 4 * block^2 * 4 bytes per build"},
+        metadata={
+            "help": "tiles kNN only: tile side, memory about 4 * block^2 * 4 bytes per build "
+            "(faiss methods batch on their own)"
+        },
     )
     sampling_knn_precision: str = field(
         default="fp32",
