@@ -6,6 +6,7 @@ import io
 import os
 import sqlite3
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,3 +292,53 @@ def test_seed_gallery_pth():
     torch.save({"features": torch.randn(3, 8)}, buf)
     with pytest.raises(InvalidArgument, match="'features' and 'labels'"):
         parse_seed_pth(buf.getvalue(), "seed", "c" * 64)
+
+
+def _open_at(path: str, barrier, errors) -> None:
+    barrier.wait(60)
+    try:
+        for _ in range(10):  # reopening also meets the others' closing checkpoints
+            s = Store(Path(path))
+            s.open()
+            s.close()
+    except Exception as exc:  # reported to the parent, which fails the test
+        errors.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_opening_a_new_file_at_once_all_succeed(tmp_path):
+    """--workers N starts N processes on one new SQLite file at the same moment: each must
+    wait for the others' locks (busy timeout), not fail with 'database is locked'."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    errors = ctx.Queue()
+    for attempt in range(2):
+        path = str(tmp_path / f"galleries-{attempt}.sqlite3")
+        barrier = ctx.Barrier(6)
+        procs = [ctx.Process(target=_open_at, args=(path, barrier, errors)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert found == []
+
+
+def test_switching_to_wal_retries_while_another_process_holds_the_file(tmp_path):
+    path = tmp_path / "new.sqlite3"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("CREATE TABLE t (x)")
+    conn = sqlite3.connect(path, isolation_level=None, timeout=0)  # fails at once when busy
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        conn.execute("PRAGMA journal_mode=WAL")
+    release = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    release.start()
+    db._enable_wal(conn)
+    release.join()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    holder.close()

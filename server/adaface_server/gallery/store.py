@@ -235,10 +235,10 @@ class Store:
     def _connect(self) -> sqlite3.Connection:
         # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        _enable_wal(conn)
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=10000")
         return conn
 
     def close(self) -> None:
@@ -472,6 +472,22 @@ class Store:
             if not future.done():
                 # One instance per waiter: each raise extends its own traceback.
                 future.set_exception(type(error)(*error.args))
+
+
+def _enable_wal(conn: sqlite3.Connection, attempts: int = 100) -> None:
+    """Switches the file to WAL, waiting out other processes doing the same.
+
+    Two processes converting a new file at once can meet in a lock upgrade SQLite resolves
+    by failing one at once, busy timeout or not ("database is locked": seen once when two
+    --workers started on a new file); the loser retries until the other has finished."""
+    for attempt in range(attempts):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
 
 
 def migrate(conn: Any, where: str) -> None:
