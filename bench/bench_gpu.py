@@ -1,7 +1,8 @@
 """GPU table: raw TorchScript fp32/fp16 at batch 128, served img/s with 1, 2, 4, 8
-workers for 32-image JPEG calls and single-image calls, and exact gallery search on the GPU
-(`--gallery-device cuda`: top-10 p50 for one probe over 1M and 10M fp16 512-d vectors), in
-one run.
+workers for 32-image JPEG calls, single-image calls and 8-photo calls of raw 640x480 photos
+with detection (MTCNN on the GPU too: --detect-device follows --device), and exact gallery
+search on the GPU (`--gallery-device cuda`: top-10 p50 for one probe over 1M and 10M fp16
+512-d vectors), in one run.
 
 Prints "skipped: no CUDA device" (exit 0) without CUDA.
 
@@ -45,15 +46,23 @@ def raw_rate(module, device, precision: str, seconds: float) -> float:
     return calls * RAW_BATCH / (time.perf_counter() - started)
 
 
-def _client_process(args: tuple[str, int, int, float]) -> float:
-    from bench_server import drive, jpeg_crops
+def _client_process(args: tuple[str, int, int, float, bool]) -> float:
+    from bench_server import drive, face_photos, jpeg_crops
 
-    address, clients, per_call, seconds = args
-    return asyncio.run(drive(address, clients, per_call, seconds, jpeg_crops(64))).images_per_s
+    from adaface.v1 import common_pb2
+
+    address, clients, per_call, seconds, photos = args
+    if photos:
+        images, alignment = face_photos(16), common_pb2.ALIGNMENT_DETECT
+    else:
+        images, alignment = jpeg_crops(64), common_pb2.ALIGNMENT_ALIGNED
+    return asyncio.run(
+        drive(address, clients, per_call, seconds, images, alignment, "bench")
+    ).images_per_s
 
 
 def served(repo: Path, name: str, workers: int, per_call: int, clients: int, seconds: float,
-           precision: str) -> float:  # fmt: skip
+           precision: str, photos: bool = False) -> float:  # fmt: skip
     import subprocess
 
     from bench_server import free_port, wait_serving
@@ -61,7 +70,7 @@ def served(repo: Path, name: str, workers: int, per_call: int, clients: int, sec
     port = free_port()
     cores = len(os.sched_getaffinity(0))
     env = {**os.environ, "ADAFACE_LOG_LEVEL": "WARNING", "ADAFACE_METRICS_PORT": "-1",
-           "ADAFACE_DETECTOR": "none",
+           "ADAFACE_MTCNN_WEIGHTS": str(Path(__file__).resolve().parents[1] / ".cache" / "mtcnn"),
            "ADAFACE_GALLERY_PATH": str(repo / f"g-{port}.sqlite3")}  # fmt: skip
     server = subprocess.Popen(
         [sys.executable, "-m", "adaface_server", "--host", "127.0.0.1", "--port", str(port),
@@ -77,7 +86,7 @@ def served(repo: Path, name: str, workers: int, per_call: int, clients: int, sec
         share = max(1, clients // CLIENT_PROCESSES)
         with multiprocessing.get_context("spawn").Pool(CLIENT_PROCESSES) as pool:
             rates = pool.map(
-                _client_process, [(address, share, per_call, seconds)] * CLIENT_PROCESSES
+                _client_process, [(address, share, per_call, seconds, photos)] * CLIENT_PROCESSES
             )
         return sum(rates)
     finally:
@@ -192,14 +201,19 @@ def main() -> int:
         print("| precision | img/s |\n|---|---:|")
         print(f"| fp32 (TF32 off) | {fp32:.0f} |\n| fp16 (autocast) | {fp16:.0f} |")
         print("\n## Served (aligned 112x112 JPEG crops)\n")
-        print("| workers | precision | 32-image calls img/s | / raw | single-image calls img/s |")
-        print("|---:|---|---:|---:|---:|")
+        print(
+            "| workers | precision | 32-image calls img/s | / raw | single-image calls img/s "
+            "| 8-photo DETECT calls img/s | photos / crops |"
+        )
+        print("|---:|---|---:|---:|---:|---:|---:|")
         for precision, raw in (("fp32", fp32), ("fp16", fp16)):
             for workers in args.workers:
                 big = served(repo, name, workers, 32, 32, args.seconds, precision)
                 single = served(repo, name, workers, 1, 256, args.seconds, precision)
+                found = served(repo, name, workers, 8, 32, args.seconds, precision, photos=True)
                 print(
-                    f"| {workers} | {precision} | {big:.0f} | {big / raw:.2f} | {single:.0f} |",
+                    f"| {workers} | {precision} | {big:.0f} | {big / raw:.2f} | {single:.0f} "
+                    f"| {found:.0f} | {found / big:.2f} |",
                     flush=True,
                 )
     print_gallery(device, args)
