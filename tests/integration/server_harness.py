@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import functools
 import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -98,3 +100,23 @@ def server_settings(repository: Path, model: str, **overrides: object) -> Settin
         precision="fp32",
     )
     return base.replace(**overrides)
+
+
+@contextlib.contextmanager
+def serving_with_tokens(
+    repository: Path, model: str, folder: Path, users: str, admins: str
+) -> Iterator[ServerThread]:
+    """A serving ServerThread whose calls need bearer tokens: `users` and `admins` are the
+    text of its --auth-tokens-file and --admin-tokens-file, written into `folder`."""
+    users_file, admins_file = folder / "users", folder / "admins"
+    users_file.write_text(users)
+    admins_file.write_text(admins)
+    settings = server_settings(
+        repository, model, auth_tokens_file=str(users_file), admin_tokens_file=str(admins_file)
+    )
+    server = ServerThread(settings).start()
+    try:
+        server.wait_serving()
+        yield server
+    finally:
+        server.stop()

@@ -10,7 +10,7 @@ import pytest
 
 from adaface.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc, gallery_pb2
 
-from .server_harness import ServerThread, server_settings
+from .server_harness import serving_with_tokens
 
 USER = "user-token-0123456789abcdef"
 ADMIN = "admin-token-fedcba9876543210"
@@ -19,17 +19,8 @@ ADMIN = "admin-token-fedcba9876543210"
 @pytest.fixture(scope="module")
 def secured(ir18_repository, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tokens")
-    users, admins = folder / "users", folder / "admins"
-    users.write_text(f"{USER}\n")
-    admins.write_text(f"{ADMIN}\n")
-    repository, model = ir18_repository
-    settings = server_settings(
-        repository, model, auth_tokens_file=str(users), admin_tokens_file=str(admins)
-    )
-    server = ServerThread(settings).start()
-    server.wait_serving()
-    yield server
-    server.stop()
+    with serving_with_tokens(*ir18_repository, folder, f"{USER}\n", f"{ADMIN}\n") as server:
+        yield server
 
 
 def _body_never_sent(channel: grpc.Channel, method: str, serializer, metadata=()):

@@ -25,7 +25,7 @@ from adaface_server.errors import StartupError
 from adaface_server.security import fingerprint
 
 from .gallery_support import REPO, crop, free_port, png, vector_sample, wait_serving
-from .server_harness import ServerThread, server_settings
+from .server_harness import ServerThread, server_settings, serving_with_tokens
 
 USER = "user-token-0123456789abcdef"
 ADMIN = "admin-token-fedcba9876543210"
@@ -84,17 +84,9 @@ def sample_value(text: str, name: str, **labels: str) -> float:
 def secured(ir18_repository, tmp_path_factory):
     """A server with user and admin tokens."""
     folder = tmp_path_factory.mktemp("tokens")
-    users, admins = folder / "users", folder / "admins"
-    users.write_text(f"# service accounts\n{USER}\n\n")
-    admins.write_text(f"{ADMIN}\n")
-    repository, model = ir18_repository
-    settings = server_settings(
-        repository, model, auth_tokens_file=str(users), admin_tokens_file=str(admins)
-    )
-    server = ServerThread(settings).start()
-    server.wait_serving()
-    yield server
-    server.stop()
+    users = f"# service accounts\n{USER}\n\n"  # comments and blank lines are allowed
+    with serving_with_tokens(*ir18_repository, folder, users, f"{ADMIN}\n") as server:
+        yield server
 
 
 def test_calls_need_a_valid_bearer_token(secured):
