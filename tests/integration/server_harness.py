@@ -103,6 +103,21 @@ def server_settings(repository: Path, model: str, **overrides: object) -> Settin
 
 
 @contextlib.contextmanager
+def running(*settings: Settings) -> Iterator[tuple[ServerThread, ...]]:
+    """ServerThreads for each Settings, all serving; stopped (last first) on the way out."""
+    servers: list[ServerThread] = []
+    try:
+        for one in settings:
+            servers.append(ServerThread(one).start())
+        for server in servers:
+            server.wait_serving()
+        yield tuple(servers)
+    finally:
+        for server in reversed(servers):
+            server.stop()
+
+
+@contextlib.contextmanager
 def serving_with_tokens(
     repository: Path, model: str, folder: Path, users: str, admins: str
 ) -> Iterator[ServerThread]:
@@ -114,9 +129,5 @@ def serving_with_tokens(
     settings = server_settings(
         repository, model, auth_tokens_file=str(users_file), admin_tokens_file=str(admins_file)
     )
-    server = ServerThread(settings).start()
-    try:
-        server.wait_serving()
+    with running(settings) as (server,):
         yield server
-    finally:
-        server.stop()

@@ -24,7 +24,7 @@ from adaface_server.models.checkpoint import random_state_dict, save_adaface_che
 from adaface_server.models.export import existing_export_matches, main
 from adaface_server.models.repository import ModelRepositoryError, load_model_spec
 
-from .server_harness import ServerThread, server_settings
+from .server_harness import ServerThread, running, server_settings
 
 ARCFACE_NAME = "arcface_r18"
 SEED = 5
@@ -323,12 +323,8 @@ def arcface_triton_server(arcface_repository, tmp_path_factory):
         settings = server_settings(
             arcface_repository, ARCFACE_NAME, backend="triton", triton_url=triton.url
         )
-        server = ServerThread(settings).start()
-        try:
-            server.wait_serving()
+        with running(settings) as (server,):
             yield server
-        finally:
-            server.stop()
     finally:
         triton.stop()
 

@@ -23,7 +23,7 @@ from adaface_server.models.export import main as export_main
 from adaface_server.models.repository import load_model_spec, read_model_config
 from adaface_server.request_context import Call, current_call
 
-from .server_harness import ServerThread, server_settings
+from .server_harness import ServerThread, running, server_settings
 from .test_embed_rpc import aligned, crop, vectors
 from .triton_harness import TritonProcess, find_tritonserver, free_port
 
@@ -51,17 +51,11 @@ def embed(stub, crops, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
 def both_servers(ir18_repository, triton):
     """(embedded, triton-backed) servers on the same exported model."""
     repository, name = ir18_repository
-    embedded = ServerThread(server_settings(repository, name)).start()
-    remote = ServerThread(
-        server_settings(repository, name, backend="triton", triton_url=triton.url)
-    ).start()
-    try:
-        embedded.wait_serving()
-        remote.wait_serving()
-        yield embedded, remote
-    finally:
-        remote.stop()
-        embedded.stop()
+    with running(
+        server_settings(repository, name),
+        server_settings(repository, name, backend="triton", triton_url=triton.url),
+    ) as servers:
+        yield servers
 
 
 # -- the exporter's python-backend twin --------------------------------------------------

@@ -16,7 +16,7 @@ from adaface.v1 import embedder_pb2, embedder_pb2_grpc
 from adaface_server.errors import Internal
 from adaface_server.models.export import export_python_backend
 
-from .server_harness import ServerThread, server_settings
+from .server_harness import ServerThread, running, server_settings
 from .test_embed_rpc import crop
 from .test_triton import NOT_SERVING, embed
 from .triton_harness import (
@@ -53,17 +53,11 @@ def triton_uint8(ir18_uint8_repository, tmp_path_factory):
 @pytest.fixture(scope="module")
 def uint8_servers(ir18_repository, ir18_uint8_repository, triton_uint8):
     """(embedded server on the fp32 export, server -> Triton serving the uint8 export)."""
-    embedded = ServerThread(server_settings(*ir18_repository)).start()
-    remote = ServerThread(
-        server_settings(*ir18_uint8_repository, backend="triton", triton_url=triton_uint8.url)
-    ).start()
-    try:
-        embedded.wait_serving()
-        remote.wait_serving()
-        yield embedded, remote
-    finally:
-        remote.stop()
-        embedded.stop()
+    with running(
+        server_settings(*ir18_repository),
+        server_settings(*ir18_uint8_repository, backend="triton", triton_url=triton_uint8.url),
+    ) as servers:
+        yield servers
 
 
 def test_triton_serves_uint8_pixels_to_the_golden_vectors(triton_uint8, golden_ir18):
