@@ -105,19 +105,8 @@ def search_rows(sizes: list[int], probe_counts: list[int], rows: list[str]) -> N
             )
             print(rows[-1], flush=True)
         if n == sizes[-1]:
-            half = ExactIndex(DIM, dtype="float16", capacity=n)
+            half = copy_of(ours, ExactIndex(DIM, dtype="float16", capacity=n))
             snap = ours.snapshot.samples
-            half.apply(
-                [
-                    Change(
-                        add_keys=snap.keys,
-                        add_labels=snap.labels,
-                        add_vectors=snap.matrix,
-                        names=ours.snapshot.names,
-                        identity_delta=n,
-                    )
-                ]
-            )
             per_m32 = ours.stats().nbytes / n * 1e6 / 2**30
             per_m16 = half.stats().nbytes / n * 1e6 / 2**30
             rows.append(
@@ -150,24 +139,27 @@ def search_rows(sizes: list[int], probe_counts: list[int], rows: list[str]) -> N
         gc.collect()
 
 
+def copy_of(source: ExactIndex, target: ExactIndex) -> ExactIndex:
+    """`target` filled with every sample of `source` (same keys, labels and names)."""
+    snap = source.snapshot.samples
+    change = Change(
+        add_keys=snap.keys,
+        add_labels=snap.labels,
+        add_vectors=snap.matrix,
+        names=source.snapshot.names,
+        identity_delta=snap.n,
+    )
+    target.apply([change])
+    return target
+
+
 def device_cpu_rows(ours: ExactIndex, probe_counts: list[int], rows: list[str]) -> None:
     """The device search path with torch on the CPU (fp16 mirror, topk with a margin, fp32
     rescoring) against the default numpy path, fp32 storage: the code --gallery-device
     cuda runs, measured where no GPU is. The default stays numpy on the CPU."""
     snap = ours.snapshot.samples
     n = snap.n
-    dev = ExactIndex(DIM, dtype="float32", capacity=n, device="cpu")
-    dev.apply(
-        [
-            Change(
-                add_keys=snap.keys,
-                add_labels=snap.labels,
-                add_vectors=snap.matrix,
-                names=ours.snapshot.names,
-                identity_delta=n,
-            )
-        ]
-    )
+    dev = copy_of(ours, ExactIndex(DIM, dtype="float32", capacity=n, device="cpu"))
     for q in probe_counts:
         probes = probes_near(snap.matrix, q, seed=q)
         dev.search(probes, K, None)  # warm
