@@ -53,7 +53,7 @@ def effective_max_batch_size(spec: ModelSpec, settings: Settings) -> int:
 def embedded_runtime(settings: Settings) -> str:
     """The runtime the embedded backend uses: --runtime, or for `auto` OpenVINO when the
     model's IR is exported (adaface-export --openvino), openvino is installed and the device
-    is the CPU; else TorchScript. OpenVINO bf16 served ~1.25x TorchScript under autocast bf16
+    is the CPU; else TorchScript. OpenVINO bf16 served 1.4-1.9x TorchScript under autocast bf16
     in `make bench` (README, "Hardware: benchmarks"). Decided once, at start-up."""
     if settings.runtime != "auto":
         return settings.runtime
