@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml constraints.txt
 	# An adaface-serving from before the split owns the client's scripts: removed first, or its
 	# uninstall would delete them again.
 	$(PIP) uninstall -q -y adaface-serving
-	$(PIP) install -q -c constraints.txt -e './client[ray]' -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e './client[ray]' -e '.[dev,openvino,bench]'
 	# Tests and benchmarks run its bundled tritonserver binary; its own pins would clash.
 	$(PIP) install -q --no-deps -c constraints.txt nvidia-pytriton
 	$(PY) -m adaface_server.preprocess.mtcnn_weights --dest $(MTCNN_WEIGHTS)

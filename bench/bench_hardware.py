@@ -5,16 +5,20 @@ Rows:
   fp32, the same file under torch.autocast bf16 (what the server runs for bf16), a
   bf16 export (`adaface-export --precision bf16`) and, as a peer the server does not run,
   the same weights under torch.compile (inductor, frozen) and autocast bf16 (--no-compile
-  leaves it out); min cosine and max relative norm error against fp32 on the exporter's
-  verification batch;
-- a real server subprocess at --precision fp32 and bf16 (4 clients x 8 aligned JPEG crops
-  per call), and served bf16 / fastest raw bf16;
+  leaves it out), ONNX Runtime fp32 (when onnxruntime and onnx are installed: the [bench]
+  extra), and the OpenVINO IR (`adaface-export --openvino`) compiled in fp32 and bf16; min
+  cosine and max relative norm error against TorchScript fp32 on the exporter's verification
+  batch;
+- a real server subprocess on TorchScript at --precision fp32 and bf16 and on OpenVINO bf16
+  (4 clients x 8 aligned JPEG crops per call), and served bf16 / fastest raw bf16 (every
+  bf16 row above, peers included);
 - raw 640x480 photos with detection (MTCNN, same clients) against those aligned crops, per
   precision: the issue's goal is >= 0.5x;
 - --workers 1 (all cores as intra-op threads) vs --workers 2 (cores / 2 each), at the
-  precision `auto` picks.
+  runtime and precision `auto` picks.
 
 Usage: python bench/bench_hardware.py [--arch ir_50] [--seconds 6] [--rounds 3]
+       [--no-compile] [--no-photos] [--no-workers]
 Figures are only comparable within one run.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import logging
 import os
 import statistics
@@ -29,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +47,8 @@ from bench_server import drive, face_photos, free_port, jpeg_crops, wait_serving
 from adaface.v1 import common_pb2
 from adaface_server.backends.precision import ModelRunner, cpu_supports_bf16, parity
 from adaface_server.models.export import export_model, verification_batch
+
+Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def compiled_bf16(arch: str, seed: int = 0):
@@ -71,8 +80,70 @@ def compiled_bf16(arch: str, seed: int = 0):
     return run
 
 
-def raw_rows(repo: Path, names: dict[str, str], batch: int, threads: int, seconds: float,
-             rounds: int, compile_peer=None) -> list[tuple[str, float, float, float]]:  # fmt: skip
+def onnxruntime_fp32(arch: str, threads: int, seed: int = 0) -> Runner | None:
+    """The same weights exported to ONNX (TorchScript-based exporter, offline) under ONNX
+    Runtime's CPU provider; None, with the reason printed, when it cannot run here."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        print(f"ONNX Runtime peer unavailable: {exc} (install the [bench] extra)")
+        return None
+    from adaface_server.models.formats import get_format
+
+    fmt = get_format("adaface")
+    model = fmt.build(arch)
+    model.load_state_dict(fmt.random_weights(arch, seed), strict=True)
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model.eval(), (verification_batch(2),), buffer, dynamo=False,
+                input_names=["INPUT__0"], output_names=["OUTPUT__0", "OUTPUT__1"],
+                dynamic_axes={"INPUT__0": {0: "batch"}}, opset_version=17,
+            )  # fmt: skip
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(
+            buffer.getvalue(), options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # no onnx package, an exporter gap: the row is left out
+        print(f"ONNX Runtime peer unavailable: {type(exc).__name__}: {exc}"[:300])
+        return None
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        embeddings, norms = session.run(None, {"INPUT__0": batch})
+        return embeddings, norms
+
+    return run
+
+
+def openvino_runners(repo: Path, name: str, threads: int) -> dict[str, Runner]:
+    """The exported IR compiled in fp32 and (with native bf16) bf16, as the server runs it."""
+    try:
+        from adaface_server.backends.openvino import OpenVINORunner
+        from adaface_server.backends.openvino import cpu_supports_bf16 as ov_bf16
+        from adaface_server.models.openvino_export import compile_ir
+    except ImportError as exc:
+        print(f"OpenVINO rows unavailable: {exc}")
+        return {}
+    xml = repo / f"{name}_openvino" / "1" / "model.xml"
+    precisions = ["fp32", "bf16"] if ov_bf16() else ["fp32"]
+    return {
+        f"OpenVINO {p} (--runtime openvino)": OpenVINORunner(compile_ir(xml, p, threads), p)
+        for p in precisions
+    }
+
+
+def raw_rows(
+    repo: Path,
+    names: dict[str, str],
+    batch: int,
+    threads: int,
+    seconds: float,
+    rounds: int,
+    peers: dict[str, Runner],
+) -> list[tuple[str, float, float, float]]:
     """(runtime, median img/s, min cosine vs fp32, max rel norm error) per runtime."""
     torch.set_num_threads(threads)
     cpu = torch.device("cpu")
@@ -89,10 +160,7 @@ def raw_rows(repo: Path, names: dict[str, str], batch: int, threads: int, second
             load(names["bf16"]), cpu, "fp32", batch
         ),
     }
-    if compile_peer is not None:
-        runners["torch.compile (inductor, frozen) under autocast bf16 (peer, not served)"] = (
-            compile_peer
-        )
+    runners.update(peers)
     check = verification_batch(8).numpy()
     x = np.ascontiguousarray(np.resize(check, (batch, 3, 112, 112)))
     reference = runners["TorchScript fp32"](check)
@@ -155,6 +223,15 @@ def main() -> int:
         default=True,
         help="add the torch.compile bf16 peer row (compiling takes a minute or two)",
     )
+    parser.add_argument(
+        "--photos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the raw-photos-with-detection rows",
+    )
+    parser.add_argument(
+        "--workers", action=argparse.BooleanOptionalAction, default=True, help="the workers rows"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     cores = len(os.sched_getaffinity(0))
@@ -164,10 +241,20 @@ def main() -> int:
         repo = Path(tmp)
         names = {p: f"bench_{p}" for p in ("fp32", "bf16")}
         for precision, name in names.items():
-            export_model(None, args.arch, repo, name, max_batch_size=batch, precision=precision)
+            export_model(None, args.arch, repo, name, max_batch_size=batch, precision=precision,
+                         openvino=precision == "fp32")  # fmt: skip
         torch.set_num_threads(cores)
-        peer = compiled_bf16(args.arch) if args.compile else None
-        raw = raw_rows(repo, names, batch, cores, args.seconds, args.rounds, peer)
+        peers: dict[str, Runner] = {}
+        compiled = compiled_bf16(args.arch) if args.compile else None
+        if compiled is not None:
+            peers["torch.compile (inductor, frozen) under autocast bf16 (peer, not served)"] = (
+                compiled
+            )
+        onnx = onnxruntime_fp32(args.arch, cores)
+        if onnx is not None:
+            peers["ONNX Runtime fp32 (CPU provider; peer, not served)"] = onnx
+        peers.update(openvino_runners(repo, names["fp32"], cores))
+        raw = raw_rows(repo, names, batch, cores, args.seconds, args.rounds, peers)
         fp32_raw = raw[0][1]
         print("\n## Raw runtimes (img/s, median of interleaved rounds)\n")
         print("| runtime | img/s | / fp32 | min cosine vs fp32 | max rel norm error |")
@@ -176,27 +263,43 @@ def main() -> int:
             print(f"| {label} | {rate:.1f} | {rate / fp32_raw:.2f} | {cos:.6f} | {rel:.1e} |")
 
         threads = str(cores)
-        fp32, fp32_photos = served(repo, names["fp32"], batch, args.seconds, "--precision",
-                                   "fp32", "--threads", threads, photos=True)  # fmt: skip
-        bf16, bf16_photos = served(repo, names["fp32"], batch, args.seconds, "--precision",
-                                   "bf16", "--threads", threads, photos=True)  # fmt: skip
-        best_bf16_raw = max(rate for label, rate, *_ in raw[1:])  # peers included
+        photos = args.photos
+        ts = ("--runtime", "torchscript", "--threads", threads)
+        fp32 = served(repo, names["fp32"], batch, args.seconds, *ts, "--precision", "fp32",
+                      photos=photos)  # fmt: skip
+        bf16 = served(repo, names["fp32"], batch, args.seconds, *ts, "--precision", "bf16",
+                      photos=photos)  # fmt: skip
+        rows = [("--runtime torchscript --precision fp32", fp32),
+                ("--runtime torchscript --precision bf16", bf16)]  # fmt: skip
+        if any(label.startswith("OpenVINO bf16") for label, *_ in raw):
+            ov = served(repo, names["fp32"], batch, args.seconds, "--runtime", "openvino",
+                        "--threads", threads, "--precision", "bf16", photos=photos)  # fmt: skip
+            rows.append(("--runtime openvino --precision bf16", ov))
+        # every bf16 row, peers included
+        best_bf16_raw = max(rate for label, rate, *_ in raw if "fp32" not in label)
+        served_fp32 = fp32[0] if photos else fp32
         print("\n## Served (4 clients x 8 aligned 112x112 JPEG crops per call)\n")
         print("| server | img/s | / served fp32 | / fastest raw bf16 |")
         print("|---|---:|---:|---:|")
-        print(f"| --precision fp32 | {fp32:.1f} | 1.00 | {fp32 / best_bf16_raw:.2f} |")
-        print(f"| --precision bf16 | {bf16:.1f} | {bf16 / fp32:.2f} | {bf16 / best_bf16_raw:.2f} |")
+        for label, result in rows:
+            rate = result[0] if photos else result
+            print(f"| {label} | {rate:.1f} | {rate / served_fp32:.2f} | "
+                  f"{rate / best_bf16_raw:.2f} |")  # fmt: skip
 
-        print("\n## Raw 640x480 photos with detection vs aligned crops (4 clients x 8 per call)\n")
-        print("| server | crops img/s | photos img/s | photos / crops |")
-        print("|---|---:|---:|---:|")
-        for label, crops, found in (("fp32", fp32, fp32_photos), ("bf16", bf16, bf16_photos)):
-            print(f"| --precision {label} | {crops:.1f} | {found:.1f} | {found / crops:.2f} |")
+        if photos:
+            print("\n## Raw 640x480 photos with detection vs aligned crops (4 clients x 8 per "
+                  "call)\n")  # fmt: skip
+            print("| server | crops img/s | photos img/s | photos / crops |")
+            print("|---|---:|---:|---:|")
+            for label, (crops, found) in rows:
+                print(f"| {label} | {crops:.1f} | {found:.1f} | {found / crops:.2f} |")
+        if not args.workers:
+            return 0
 
         one = served(repo, names["fp32"], batch, args.seconds, "--workers", "1",
                      "--threads", threads)  # fmt: skip
         two = served(repo, names["fp32"], batch, args.seconds, "--workers", "2")
-        print("\n## Workers (precision auto; 4 clients x 8 crops per call)\n")
+        print("\n## Workers (runtime and precision auto; 4 clients x 8 crops per call)\n")
         print("| workers | intra-op threads each | img/s | / 1 worker |")
         print("|---|---:|---:|---:|")
         print(f"| 1 | {cores} | {one:.1f} | 1.00 |")

@@ -283,6 +283,15 @@ class Settings:
             "fp32 on the device found), fp32, bf16 or fp16 (CUDA); I/O stays fp32"
         },
     )
+    runtime: str = field(
+        default="auto",
+        metadata={
+            "help": "embedded backend runtime: torchscript (model.pt), openvino (the IR "
+            "that adaface-export --openvino writes as <model>_openvino; CPU only), or auto: "
+            "openvino when that IR exists, openvino is installed and the device is the CPU, "
+            "else torchscript"
+        },
+    )
     workers: str = field(
         default="1",
         metadata={
@@ -507,6 +516,15 @@ def validate_hardware(s: Settings) -> list[str]:
     problems = []
     if s.precision not in ("auto", "fp32", "bf16", "fp16"):
         problems.append(f"--precision must be auto, fp32, bf16 or fp16, got {s.precision!r}")
+    if s.runtime not in ("auto", "torchscript", "openvino"):
+        problems.append(f"--runtime must be auto, torchscript or openvino, got {s.runtime!r}")
+    elif s.runtime == "openvino" and s.backend != "torchscript":
+        problems.append(
+            "--runtime openvino picks the embedded backend's runtime; with --backend triton "
+            "point --model at the <model>_openvino model Triton serves"
+        )
+    elif s.runtime == "openvino" and s.device not in ("auto", "cpu"):
+        problems.append(f"--runtime openvino runs on the CPU, got --device {s.device}")
     if not (s.workers == "auto" or (s.workers.isdigit() and int(s.workers) >= 1)):
         problems.append(f"--workers must be a number >= 1 or auto, got {s.workers!r}")
     elif s.workers != "1" and s.http_port == 0:

@@ -50,8 +50,31 @@ def effective_max_batch_size(spec: ModelSpec, settings: Settings) -> int:
     return spec.max_batch_size
 
 
+def embedded_runtime(settings: Settings) -> str:
+    """The runtime the embedded backend uses: --runtime, or for `auto` OpenVINO when the
+    model's IR is exported (adaface-export --openvino), openvino is installed and the device
+    is the CPU; else TorchScript. OpenVINO bf16 served 1.4-1.9x TorchScript under autocast bf16
+    in `make bench` (README, "Hardware: benchmarks"). Decided once, at start-up."""
+    if settings.runtime != "auto":
+        return settings.runtime
+    from .openvino import ir_exists, openvino_available
+
+    if settings.device not in ("auto", "cpu") or not ir_exists(settings):
+        return "torchscript"
+    if settings.device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return "torchscript"
+    return "openvino" if openvino_available() else "torchscript"
+
+
 def create_backend(settings: Settings) -> Backend:
     if settings.backend == "torchscript":
+        if embedded_runtime(settings) == "openvino":
+            from .openvino import OpenVINOBackend
+
+            return OpenVINOBackend(settings)
         from .torchscript import TorchScriptBackend
 
         return TorchScriptBackend(settings)

@@ -287,12 +287,28 @@ def select_runner(
         p: ModelRunner(module, device, p, max_batch_size, input_dtype)
         for p in ["fp32", *candidates]
     }
+    chosen, trials = gate(runners, requested, batch, str(device), warm_calls)
+    return Selection(runners[chosen], trials)
+
+
+def gate(
+    runners: dict[str, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]],
+    requested: str,
+    batch: np.ndarray,
+    where: str,
+    warm_calls: int = 2,
+) -> tuple[str, tuple[Trial, ...]]:
+    """(precision to serve, trials): every runner (keyed by precision, "fp32" first: the
+    reference) is warmed, timed when there is a choice to make, and compared with fp32 on
+    batch; `choose` then applies the rule. Shared by every runtime (TorchScript, OpenVINO),
+    so one gate and one rule decide what serves. `where` names the device in the log."""
     reference = None
     trials = []
+    timed = len(runners) > 1
     for precision, runner in runners.items():
         for _ in range(warm_calls):
             out = runner(batch)
-        seconds = _time(runner, batch) if candidates else 0.0
+        seconds = _time(runner, batch) if timed else 0.0
         reference = reference or out
         cos, rel = parity(reference, out)
         trials.append(Trial(precision, cos, rel, seconds))
@@ -302,7 +318,7 @@ def select_runner(
             "parity gate %s vs fp32 on %s: min cosine %.6f (gate %.4f: %s), max rel norm error "
             "%.2e, %.1f ms/batch of %d vs %.1f ms in fp32",
             trial.precision,
-            device,
+            where,
             trial.min_cosine,
             GATE_MIN_COSINE,
             "pass" if trial.passed else "FAIL",
@@ -314,11 +330,11 @@ def select_runner(
     if requested == "auto":
         log.info(
             "precision auto on %s -> %s (tried %s)",
-            device,
+            where,
             chosen,
             ", ".join(t.precision for t in trials),
         )
-    return Selection(runners[chosen], tuple(trials))
+    return chosen, tuple(trials)
 
 
 def exact_fp32_on_cuda(device) -> None:

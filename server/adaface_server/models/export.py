@@ -11,7 +11,10 @@ instead; such a model is fed RGB, and metadata.json ("input") and config.pbtxt (
 ``channel_order``) record that so the server preprocesses for it. ``--input-dtype uint8``
 makes ``INPUT__0`` a UINT8 tensor of raw 0..255 pixels (same layout and channel order)
 normalised inside the graph, bit for bit as the server would: a client or the server's Triton
-backend then sends 112*112*3 = 37,632 bytes per image instead of 150,528.
+backend then sends 112*112*3 = 37,632 bytes per image instead of 150,528. ``--openvino``
+also writes the OpenVINO IR of the same weights as the Triton model ``<name>_openvino``
+(``backend: "openvino"``; see models/openvino_export.py), verified like the fp32 TorchScript
+file (max abs 1e-5 vs eager), for ``--runtime openvino`` and Triton's OpenVINO backend.
 
 Graph choice (measured with ``bench/bench_model.py``-style runs, random ir_50, torch 2.13 CPU,
 2-core AVX-512 EPYC, best of 3 x 2 s; a busy neighbour makes absolute figures drift):
@@ -83,11 +86,13 @@ from adaface_server.models.repository import (
     METADATA_FILENAME,
     MODEL_FILENAME,
     NORM_NAME,
+    OPENVINO_MODEL_FILENAME,
     ModelRepositoryError,
     atomic_write_bytes,
     build_model_config,
     format_model_config,
     load_model_spec,
+    openvino_model_name,
     parse_model_config,
 )
 from adaface_server.preprocess.pipeline import normalise
@@ -131,6 +136,7 @@ class ExportReport:
     precision: str = "fp32"
     min_cosine: float = 1.0
     input_dtype: str = DEFAULT_INPUT_DTYPE
+    openvino: Any = None  # openvino_export.OpenVINOReport with --openvino
 
 
 class _ChannelsLast(nn.Module):
@@ -339,6 +345,7 @@ def export_model(
     reduced_min_cosine: float = REDUCED_MIN_COSINE,
     model_format: str = "adaface",
     input_dtype: str = DEFAULT_INPUT_DTYPE,
+    openvino: bool = False,
 ) -> ExportReport:
     """Export arch (weights from checkpoint, or random when None) into repository/name.
 
@@ -348,7 +355,13 @@ def export_model(
     REDUCED_MIN_COSINE and max relative norm error <= REDUCED_MAX_REL_NORM_ERROR against the
     fp32 eager model instead of fp32's max abs `tolerance`. input_dtype "uint8" writes a model
     fed raw uint8 pixels (config TYPE_UINT8, metadata input_dtype), verified on pixels against
-    the eager model fed the same pixels normalised as the server does."""
+    the eager model fed the same pixels normalised as the server does. openvino also writes
+    the fp32 OpenVINO IR as the Triton model <name>_openvino (openvino_export.py), held to
+    the same `tolerance` as an fp32 TorchScript file."""
+    if openvino:
+        from adaface_server.models.openvino_export import require_openvino
+
+        require_openvino()  # before any work: say how to install it
     started = time.perf_counter()
     fmt = get_format(model_format)
     fmt.check_arch(arch)
@@ -385,6 +398,11 @@ def export_model(
     with torch.inference_mode():
         reference = eager(eager_input(batch))
     # trace_backbone converts the module in place; keep the eager copy pristine for comparing.
+    openvino_module = None
+    if openvino:
+        openvino_module = build_copy(eager, arch, fmt.build)
+        if input_dtype == "uint8":
+            openvino_module = _PixelInput(openvino_module).eval()
     scripted = trace_backbone(
         build_copy(eager, arch, fmt.build), optimization, channels_last, precision, input_dtype
     )
@@ -480,6 +498,22 @@ def export_model(
     # config.pbtxt last: a repository poller that sees it finds the version complete.
     config_path = repository / name / CONFIG_FILENAME
     atomic_write_bytes(config_path, config_text.encode())
+    openvino_report = None
+    if openvino_module is not None:
+        from adaface_server.models.openvino_export import export_openvino
+
+        openvino_report = export_openvino(
+            openvino_module, repository, name, version, config_text, metadata, batch,
+            reference, tolerance,
+        )  # fmt: skip
+        log.info(
+            "OpenVINO IR (f32) vs eager fp32 on %d inputs: max abs embedding diff %.3g, max "
+            "relative norm diff %.3g; wrote %s",
+            batch.shape[0],
+            openvino_report.max_abs_diff,
+            openvino_report.max_rel_norm_diff,
+            openvino_report.model_dir,
+        )
     seconds = time.perf_counter() - started
     log.info(
         "exported %s (%s, %s weights) to %s in %.1f s", name, arch, weights, model_dir, seconds
@@ -499,6 +533,7 @@ def export_model(
         precision=precision,
         min_cosine=cosine,
         input_dtype=input_dtype,
+        openvino=openvino_report,
     )
 
 
@@ -585,9 +620,10 @@ def existing_export_matches(
     seed: int = 0,
     model_format: str = "adaface",
     input_dtype: str = DEFAULT_INPUT_DTYPE,
+    openvino: bool = False,
 ) -> bool:
     """True when repository/name/version already holds an export of these weights taking
-    input_dtype."""
+    input_dtype (with openvino, and its OpenVINO IR twin of the same model file)."""
     model_dir = Path(repository) / name / str(version)
     try:
         metadata = json.loads((model_dir / METADATA_FILENAME).read_text())
@@ -602,12 +638,28 @@ def existing_export_matches(
         return False
     if not (Path(repository) / name / CONFIG_FILENAME).is_file():
         return False
+    if openvino and not _openvino_twin_matches(repository, name, version, metadata):
+        return False
     if checkpoint is None:
         return metadata.get("weights") == WEIGHTS_RANDOM and metadata.get("seed") == seed
     try:
         return metadata.get("checkpoint_sha256") == _sha256(Path(checkpoint))
     except OSError:
         return False
+
+
+def _openvino_twin_matches(
+    repository: Path | str, name: str, version: int, metadata: dict[str, Any]
+) -> bool:
+    twin = Path(repository) / openvino_model_name(name)
+    try:
+        twin_metadata = json.loads((twin / str(version) / METADATA_FILENAME).read_text())
+    except (OSError, ValueError):
+        return False
+    files = (twin / CONFIG_FILENAME, twin / str(version) / OPENVINO_MODEL_FILENAME)
+    return all(f.is_file() for f in files) and (
+        twin_metadata.get("model_sha256") == metadata.get("model_sha256")
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -685,6 +737,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(for Triton builds without the PyTorch backend)",
     )
     parser.add_argument(
+        "--openvino",
+        action="store_true",
+        help="also write the OpenVINO IR (fp32 weights, verified to 1e-5 vs eager) as the "
+        "Triton model <name>_openvino (backend openvino: model.xml/model.bin), served by "
+        "adaface-server --runtime openvino or Triton's OpenVINO backend; needs the openvino "
+        "package",
+    )
+    parser.add_argument(
         "--no-channels-last",
         dest="channels_last",
         action="store_false",
@@ -715,6 +775,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seed,
         fmt.name,
         args.input_dtype,
+        args.openvino,
     ):
         print(f"{args.repository / name / str(args.version)} already holds this export; skipped")
         return 0
@@ -734,6 +795,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             precision=args.precision,
             model_format=fmt.name,
             input_dtype=args.input_dtype,
+            openvino=args.openvino,
         )
         if args.python_backend is not None:
             twin_dir = export_python_backend(
@@ -754,6 +816,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"max abs diff of embeddings (TorchScript vs eager): {report.max_abs_diff:.3g}")
     print(f"max rel diff of norms (TorchScript vs eager):      {report.max_rel_norm_diff:.3g}")
     print(f"min cosine of embeddings ({args.precision} vs eager fp32): {report.min_cosine:.6f}")
+    if report.openvino is not None:
+        print(f"openvino:     {report.openvino.xml_path} (Triton model {report.openvino.name})")
+        print(
+            f"max abs diff of embeddings (OpenVINO IR f32 vs eager): "
+            f"{report.openvino.max_abs_diff:.3g}"
+        )
     if report.untrained:
         print("WARNING: random untrained weights; embeddings are meaningless", file=sys.stderr)
     return 0

@@ -18,6 +18,12 @@ NORM_NAME = "OUTPUT__1"
 INPUT_DIMS: tuple[int, int, int] = (3, 112, 112)
 EMBEDDING_DIM = 512
 MODEL_FILENAME = "model.pt"
+# The OpenVINO IR twin of model <name> is the Triton model <name>_openvino (backend
+# "openvino"): <version>/model.xml + model.bin, the file names Triton's OpenVINO backend loads.
+OPENVINO_SUFFIX = "_openvino"
+OPENVINO_BACKEND = "openvino"
+OPENVINO_MODEL_FILENAME = "model.xml"
+OPENVINO_WEIGHTS_FILENAME = "model.bin"
 METADATA_FILENAME = "metadata.json"
 CONFIG_FILENAME = "config.pbtxt"
 PLATFORM = "pytorch_libtorch"
@@ -63,10 +69,17 @@ class ModelSpec:
     max_batch_size: int
     model_dir: Path  # <repository>/<name>/<version>
     metadata: dict[str, Any] = field(compare=False)
+    #: model.pt (TorchScript), or model.xml for an OpenVINO IR (config backend "openvino").
+    model_filename: str = MODEL_FILENAME
 
     @property
     def model_path(self) -> Path:
-        return self.model_dir / MODEL_FILENAME
+        return self.model_dir / self.model_filename
+
+    @property
+    def runtime(self) -> str:
+        """ "torchscript" or "openvino": what the model file is (metadata "runtime")."""
+        return str(self.metadata.get("runtime", "torchscript"))
 
     @property
     def checksum(self) -> str:
@@ -93,6 +106,11 @@ class ModelSpec:
         "unknown" (a Triton model without a local metadata.json) is not claimed untrained.
         """
         return self.metadata.get("weights") not in ("checkpoint", "unknown")
+
+
+def openvino_model_name(name: str) -> str:
+    """The Triton model holding the OpenVINO IR of model name (adaface-export --openvino)."""
+    return name if name.endswith(OPENVINO_SUFFIX) else name + OPENVINO_SUFFIX
 
 
 def input_contract(channel_order: str) -> dict[str, str]:
@@ -257,9 +275,12 @@ def load_model_spec(repository: Path | str, name: str) -> ModelSpec:
         raise ModelRepositoryError(f"{config_path} names model {config.name!r}, not {name!r}")
     version = _latest_version(model_root)
     model_dir = model_root / str(version)
-    model_path = model_dir / MODEL_FILENAME
-    if not model_path.is_file():
-        raise ModelRepositoryError(f"{model_path} does not exist")
+    openvino = config.backend == OPENVINO_BACKEND
+    model_filename = OPENVINO_MODEL_FILENAME if openvino else MODEL_FILENAME
+    required = (model_filename, OPENVINO_WEIGHTS_FILENAME) if openvino else (model_filename,)
+    for filename in required:
+        if not (model_dir / filename).is_file():
+            raise ModelRepositoryError(f"{model_dir / filename} does not exist")
     metadata_path = model_dir / METADATA_FILENAME
     try:
         metadata = json.loads(metadata_path.read_text())
@@ -313,4 +334,5 @@ def load_model_spec(repository: Path | str, name: str) -> ModelSpec:
         max_batch_size=int(config.max_batch_size),
         model_dir=model_dir,
         metadata=metadata,
+        model_filename=model_filename,
     )
