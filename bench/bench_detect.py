@@ -8,13 +8,15 @@ downscaled to --detect-max-side 1024 first, as the server does), then ms per 640
 PIL (as upstream, and as the `upstream_softmax` parity path does; that path itself is not a
 fair row, its softmax passes far fewer P-Net candidates), the default (torch's pyramid) one
 photo at a time, the default with 8 photos per detect_many() call (R-Net and O-Net batched,
-what the server does with a call's photos), and the same at bf16 where the CPU has bf16
-kernels. Figures are only comparable within one run.
+what the server does with a call's photos), the same at bf16 where the CPU has bf16
+kernels, and the nets compiled by OpenVINO (--detect-runtime openvino) in fp32 and bf16.
+Figures are only comparable within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import statistics
 import sys
@@ -92,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         rows["bf16, 8 photos per call"] = lambda ps: bf16.detect_many(
             ps, [DetectParams()] * len(ps)
         )
+    if importlib.util.find_spec("openvino") is not None:
+        for precision in ("fp32", "bf16") if cpu_supports_bf16() else ("fp32",):
+            ov = MTCNN(
+                args.weights, max_side=args.max_side, precision=precision, runtime="openvino",
+                threads=args.threads,
+            )  # fmt: skip
+            rows[f"OpenVINO {precision}, 8 photos per call"] = lambda ps, ov=ov: ov.detect_many(
+                ps, [DetectParams()] * len(ps)
+            )
     print("\n| 640x480 photos | ms per photo | speed-up over PIL pyramid |")
     print("|---|---:|---:|")
     base = None

@@ -264,17 +264,20 @@ def main() -> int:
 
         threads = str(cores)
         photos = args.photos
-        ts = ("--runtime", "torchscript", "--threads", threads)
+        ts = ("--runtime", "torchscript", "--threads", threads, "--detect-runtime", "torch")
         fp32 = served(repo, names["fp32"], batch, args.seconds, *ts, "--precision", "fp32",
                       photos=photos)  # fmt: skip
         bf16 = served(repo, names["fp32"], batch, args.seconds, *ts, "--precision", "bf16",
                       photos=photos)  # fmt: skip
-        rows = [("--runtime torchscript --precision fp32", fp32),
-                ("--runtime torchscript --precision bf16", bf16)]  # fmt: skip
+        rows = [
+            ("--runtime torchscript --precision fp32 --detect-runtime torch", fp32),
+            ("--runtime torchscript --precision bf16 --detect-runtime torch", bf16),
+        ]
         if any(label.startswith("OpenVINO bf16") for label, *_ in raw):
             ov = served(repo, names["fp32"], batch, args.seconds, "--runtime", "openvino",
-                        "--threads", threads, "--precision", "bf16", photos=photos)  # fmt: skip
-            rows.append(("--runtime openvino --precision bf16", ov))
+                        "--threads", threads, "--precision", "bf16", "--detect-runtime",
+                        "openvino", photos=photos)  # fmt: skip
+            rows.append(("--runtime openvino --precision bf16 --detect-runtime openvino", ov))
         # every bf16 row, peers included
         best_bf16_raw = max(rate for label, rate, *_ in raw if "fp32" not in label)
         served_fp32 = fp32[0] if photos else fp32

@@ -107,6 +107,13 @@ class Settings:
         default="auto",
         metadata={"help": "MTCNN device: auto (the model's --device), cpu, cuda, cuda:N"},
     )
+    detect_runtime: str = field(
+        default="auto",
+        metadata={
+            "help": "MTCNN runtime: auto (openvino on CPU when installed, else torch), torch "
+            "or openvino (CPU, fp32 or bf16)"
+        },
+    )
     detect_precision: str = field(
         default="auto",
         metadata={
@@ -410,6 +417,10 @@ def validate(s: Settings) -> list[str]:
         )
     if s.detector not in ("mtcnn", "none"):
         problems.append(f"--detector must be mtcnn or none, got {s.detector!r}")
+    if s.detect_runtime not in ("auto", "torch", "openvino"):
+        problems.append(
+            f"--detect-runtime must be auto, torch or openvino, got {s.detect_runtime!r}"
+        )
     if s.detect_precision not in ("auto", "fp32", "bf16", "fp16"):
         problems.append(
             f"--detect-precision must be auto, fp32, bf16 or fp16, got {s.detect_precision!r}"

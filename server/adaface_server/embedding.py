@@ -421,21 +421,34 @@ def _checkpoint_weights(meta: dict) -> str:
 
 
 def _load_detector(settings: Settings) -> MTCNN:
-    """MTCNN on the device and at the precision --detect-device / --detect-precision give."""
+    """MTCNN where --detect-device, --detect-precision and --detect-runtime place it."""
     from .backends.precision import PrecisionError, detector_placement
 
     try:
-        device, precision = detector_placement(
-            settings.detect_device, settings.detect_precision, settings.device
+        place = detector_placement(
+            settings.detect_device,
+            settings.detect_precision,
+            settings.device,
+            settings.detect_runtime,
         )
     except PrecisionError as exc:
         raise StartupError(str(exc)) from None
-    detector = MTCNN(settings.mtcnn_weights, settings.detect_max_side, device, precision)
+    detector = MTCNN(
+        settings.mtcnn_weights,
+        settings.detect_max_side,
+        place.device,
+        place.precision,
+        place.runtime,
+        settings.threads,
+    )
     log.info(
-        "face detector MTCNN runs on %s in %s (requested --detect-device %s --detect-precision %s)",
-        device,
-        precision,
+        "face detector MTCNN runs on %s in %s with %s (requested --detect-device %s "
+        "--detect-precision %s --detect-runtime %s)",
+        place.device,
+        place.precision,
+        place.runtime,
         settings.detect_device,
         settings.detect_precision,
+        settings.detect_runtime,
     )
     return detector

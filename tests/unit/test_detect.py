@@ -229,3 +229,27 @@ def test_cuda_detector_finds_the_same_faces(detector: MTCNN, dtype: str) -> None
     (face,) = cuda.detect(skimage.data.astronaut(), DetectParams(upstream_softmax=True))
     (ref,) = detector.detect(skimage.data.astronaut(), DetectParams(upstream_softmax=True))
     assert np.abs(face.landmarks - ref.landmarks).max() < 0.05
+
+
+def test_openvino_detector_finds_the_same_faces(detector: MTCNN) -> None:
+    """The nets compiled by OpenVINO (fp32) against torch's: same faces, same landmarks."""
+    ov = MTCNN(WEIGHTS, runtime="openvino", threads=2)
+    images = [make() for make in PHOTOS.values()]
+    params = [DetectParams()] * len(images)
+    for ref, faces in zip(
+        detector.detect_many(images, params), ov.detect_many(images, params), strict=True
+    ):
+        assert len(faces) == len(ref)
+        for a, b in zip(ref, faces, strict=True):
+            assert np.abs(a.landmarks - b.landmarks).max() < 1e-2
+            assert a.score == pytest.approx(b.score, abs=1e-4)
+    # The parity option runs torch's nets in fp32 and PIL's pyramid on any runtime.
+    upstream = DetectParams(upstream_softmax=True)
+    (face,) = ov.detect(skimage.data.astronaut(), upstream)
+    (ref,) = detector.detect(skimage.data.astronaut(), upstream)
+    np.testing.assert_array_equal(face.landmarks, ref.landmarks)
+
+
+def test_openvino_runs_on_the_cpu_only() -> None:
+    with pytest.raises(ValueError, match="runs MTCNN on the CPU"):
+        MTCNN(WEIGHTS, device="meta", runtime="openvino")

@@ -97,8 +97,14 @@ def test_reduced_precision_embeddings_are_unit_length(ir18_repository, golden_ir
 
 
 def test_detector_follows_the_model_device_and_runs_fp32_on_cpu():
-    assert precision.detector_placement("auto", "auto", "cpu") == (torch.device("cpu"), "fp32")
-    assert precision.detector_placement("cpu", "fp32", "auto") == (torch.device("cpu"), "fp32")
+    cpu = torch.device("cpu")
+    place = precision.DetectorPlacement
+    assert precision.detector_placement("auto", "auto", "cpu") == place(cpu, "fp32", "torch")
+    assert precision.detector_placement("cpu", "fp32", "auto") == place(cpu, "fp32", "torch")
+    # auto: OpenVINO on the CPU (make venv installs it), torch where it runs elsewhere
+    assert precision.detector_placement("cpu", "auto", "cpu", "auto") == place(
+        cpu, "fp32", "openvino"
+    )
     with pytest.raises(PrecisionError, match="--detect-precision fp16 needs a CUDA device"):
         precision.detector_placement("cpu", "fp16", "cpu")
 
@@ -112,4 +118,7 @@ def test_detector_on_cuda_is_refused_without_cuda():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_detector_runs_fp16_on_cuda_by_default():
-    assert precision.detector_placement("auto", "auto", "auto") == (torch.device("cuda", 0), "fp16")
+    place = precision.detector_placement("auto", "auto", "auto", "auto")
+    assert place == precision.DetectorPlacement(torch.device("cuda", 0), "fp16", "torch")
+    with pytest.raises(PrecisionError, match="--detect-runtime openvino runs on the CPU"):
+        precision.detector_placement("cuda", "auto", "auto", "openvino")

@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -96,12 +97,25 @@ def check_supported(device, precision: str) -> None:
         raise PrecisionError(f"--precision {precision} is not supported on {device}")
 
 
-def detector_placement(device_setting: str, precision_setting: str, model_device: str):
-    """(torch.device, precision) for the face detector.
+@dataclass(frozen=True)
+class DetectorPlacement:
+    """Where and how MTCNN runs: a torch device, a precision and a runtime."""
+
+    device: Any
+    precision: str
+    runtime: str  # "torch" or "openvino"
+
+
+def detector_placement(
+    device_setting: str, precision_setting: str, model_device: str, runtime_setting: str = "torch"
+) -> DetectorPlacement:
+    """Placement of the face detector.
 
     --detect-device auto follows the model's --device; --detect-precision auto is fp16 on
     CUDA and fp32 on CPUs, where bf16 ran MTCNN's few-channel convolutions, PReLUs and pools
-    slower than fp32 (bench/bench_detect.py prints both)."""
+    slower than fp32 (bench/bench_detect.py prints both). --detect-runtime auto is OpenVINO
+    on the CPU when it is installed, torch otherwise; openvino runs on the CPU only, in fp32
+    or bf16."""
     try:
         device = resolve_device(model_device if device_setting == "auto" else device_setting)
     except PrecisionError as exc:
@@ -109,12 +123,31 @@ def detector_placement(device_setting: str, precision_setting: str, model_device
             raise
         raise PrecisionError(str(exc).replace("--device", "--detect-device")) from None
     if precision_setting == "auto":
-        return device, "fp16" if device.type == "cuda" else "fp32"
-    try:
-        check_supported(device, precision_setting)
-    except PrecisionError as exc:
-        raise PrecisionError(str(exc).replace("--precision", "--detect-precision")) from None
-    return device, precision_setting
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    else:
+        try:
+            check_supported(device, precision_setting)
+        except PrecisionError as exc:
+            raise PrecisionError(str(exc).replace("--precision", "--detect-precision")) from None
+        precision = precision_setting
+    runtime = runtime_setting
+    if runtime == "auto":
+        runtime = "openvino" if device.type == "cpu" and _openvino_installed() else "torch"
+    elif runtime == "openvino":
+        if device.type != "cpu":
+            raise PrecisionError(f"--detect-runtime openvino runs on the CPU, not {device}")
+        if not _openvino_installed():
+            raise PrecisionError(
+                "--detect-runtime openvino needs the openvino package "
+                "(pip install 'adaface-serving[openvino]')"
+            )
+    return DetectorPlacement(device, precision, runtime)
+
+
+def _openvino_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
 
 
 class ModelRunner:

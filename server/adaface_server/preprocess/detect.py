@@ -129,7 +129,8 @@ class MTCNN:
     of a call. Requests with `upstream_softmax` (the parity option) always run the upstream
     way: fp32, and the image pyramid resized by PIL as upstream does; otherwise the pyramid
     is resized by torch on the device (uint8 antialiased bilinear on CPU, within one level
-    of PIL's pixels, ~3.5x faster).
+    of PIL's pixels, ~3.5x faster). With `runtime="openvino"` (CPU only, fp32 or bf16) the
+    nets run compiled by OpenVINO (mtcnn_openvino.py), the parity option still by torch.
     """
 
     def __init__(
@@ -138,13 +139,26 @@ class MTCNN:
         max_side: int = 1024,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
+        runtime: str = "torch",
+        threads: int = 0,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device)
         self.precision = precision
+        nets = load_nets(weights_dir)
+        self.runtime = runtime
+        self._openvino = None
+        if runtime == "openvino":
+            if self.device.type != "cpu":
+                raise ValueError(f"the OpenVINO runtime runs MTCNN on the CPU, not {self.device}")
+            from .mtcnn_openvino import OpenVinoNets
+
+            self._openvino = OpenVinoNets(nets, precision, threads)
+        elif runtime != "torch":
+            raise ValueError(f"runtime must be torch or openvino, got {runtime!r}")
         self.pnet, self.rnet, self.onet = (
-            net.to(self.device, memory_format=torch.channels_last) for net in load_nets(weights_dir)
+            net.to(self.device, memory_format=torch.channels_last) for net in nets
         )
         self.max_side = max_side
         # torch modules are safe to share, but one detection at a time keeps the
@@ -200,18 +214,23 @@ class MTCNN:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _net(self, net: torch.nn.Module, batch: np.ndarray, exact: bool) -> list[np.ndarray]:
-        """Runs a net on uint8 NHWC crops; its outputs as float32 numpy arrays.
+    def _net(self, name: str, batch: np.ndarray, exact: bool) -> list[np.ndarray]:
+        """Runs R-Net or O-Net on uint8 NHWC crops; its outputs as float32 numpy arrays.
 
         On CPU the crops go through in slices of CPU_SLICE: R-Net's first activations for
         1,360 crops (8 noisy photos) are 73 MB, and its PReLUs and pools, memory-bound at
         that size, made one big batch 9% slower than a photo at a time."""
         step = CPU_SLICE if self.device.type == "cpu" else max(1, len(batch))
+        net = self.rnet if name == "rnet" else self.onet
         parts = []
         for start in range(0, len(batch), step):
-            x = _normalise(batch[start : start + step]).to(self.device, non_blocking=True)
+            x = _normalise(batch[start : start + step])
+            if self._openvino is not None and not exact:
+                parts.append(self._openvino.run(name, x.numpy()))
+                continue
             with self._autocast(exact):
-                parts.append([o.float().cpu().numpy() for o in net(x)])
+                outputs = net(x.to(self.device, non_blocking=True))
+            parts.append([o.float().cpu().numpy() for o in outputs])
         return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
 
     def _run(
@@ -228,7 +247,7 @@ class MTCNN:
         crops = [_crops(pil, b, 24) for pil, b in zip(pils, boxes, strict=True) if len(b)]
         if not crops:
             return [empty] * len(images)
-        logits, offsets = self._net(self.rnet, np.concatenate(crops), exact)
+        logits, offsets = self._net("rnet", np.concatenate(crops), exact)
         probs, offsets = _face_probability(logits), offsets.astype(np.float64)
         refined = []
         for b, (lo, hi) in zip(boxes, _spans(boxes), strict=True):
@@ -241,7 +260,7 @@ class MTCNN:
         crops = [_crops(pil, b, 48) for pil, b in zip(pils, refined, strict=True) if len(b)]
         if not crops:
             return [empty] * len(images)
-        logits, offsets, marks = self._net(self.onet, np.concatenate(crops), exact)
+        logits, offsets, marks = self._net("onet", np.concatenate(crops), exact)
         probs = _face_probability(logits)
         offsets, marks = offsets.astype(np.float64), marks.astype(np.float64)
         out = []
@@ -296,8 +315,11 @@ class MTCNN:
         found_boxes, found_scores, found_offsets = [], [], []
         levels = self._pyramid(image, sizes, exact=upstream_softmax)
         for s, level in zip(scales, levels, strict=True):
-            with self._autocast(upstream_softmax):
-                logits, offsets = self.pnet(level)
+            if self._openvino is not None and not upstream_softmax:
+                logits, offsets = map(torch.from_numpy, self._openvino.run("pnet", level.numpy()))
+            else:
+                with self._autocast(upstream_softmax):
+                    logits, offsets = self.pnet(level)
             # Upstream normalises over the last (width) axis, not the class axis: a bug
             # kept behind `upstream_softmax` for parity with AdaFace's own pipeline.
             probs = torch.softmax(logits.float(), dim=-1 if upstream_softmax else 1)[0, 1]

@@ -1,0 +1,53 @@
+"""MTCNN's three nets compiled by OpenVINO for the CPU (--detect-runtime openvino).
+
+OpenVINO's CPU plugin runs the nets' few-channel convolutions, PReLUs and pools from one
+compiled graph per net; torch runs them op by op through its OpenMP pool, which loses most
+of its speed when the model thread wants the same cores (bench/bench_detect.py). P-Net takes
+any image size (one pyramid level at a time), R-Net and O-Net any number of crops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .mtcnn_nets import ONet, PNet, RNet
+
+# precision -> OpenVINO's INFERENCE_PRECISION_HINT
+HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+class OpenVinoNets:
+    """Compiled P-Net, R-Net and O-Net; `run(name, x)` returns each output as float32 numpy.
+
+    Not thread-safe: one infer request per net (MTCNN calls it under its lock)."""
+
+    def __init__(self, nets: tuple[PNet, RNet, ONet], precision: str, threads: int) -> None:
+        import openvino as ov
+
+        if precision not in HINTS:
+            raise ValueError(f"OpenVINO runs MTCNN in fp32 or bf16, not {precision}")
+        core = ov.Core()
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": HINTS[precision],
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        shapes = {"pnet": [1, 3, -1, -1], "rnet": [-1, 3, 24, 24], "onet": [-1, 3, 48, 48]}
+        examples = {"pnet": (1, 3, 48, 48), "rnet": (2, 3, 24, 24), "onet": (2, 3, 48, 48)}
+        self._requests = {}
+        for name, net in zip(("pnet", "rnet", "onet"), nets, strict=True):
+            model = ov.convert_model(
+                net,
+                example_input=torch.zeros(examples[name]),
+                input=[ov.PartialShape(shapes[name])],
+            )
+            self._requests[name] = core.compile_model(model, "CPU", config).create_infer_request()
+
+    def run(self, name: str, x: np.ndarray) -> list[np.ndarray]:
+        request = self._requests[name]
+        result = request.infer([np.ascontiguousarray(x, dtype=np.float32)])
+        return [np.array(result[i], dtype=np.float32) for i in range(len(result))]
