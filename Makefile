@@ -36,10 +36,13 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml constraints.txt
 	$(PY) -m adaface_server.preprocess.mtcnn_weights --dest $(MTCNN_WEIGHTS)
 	touch $@
 
-# Exports $(CKPT) (or, without CKPT, a randomly initialised $(ARCH)) into $(REPO)/$(MODEL).
+# Exports $(CKPT) (or, without CKPT, a randomly initialised $(ARCH)) into $(REPO)/$(MODEL),
+# and with OPENVINO=1 (the default) its OpenVINO IR as $(MODEL)_openvino, which the server's
+# --runtime auto serves on CPUs (the fastest CPU runtime make bench measured).
+OPENVINO ?= 1
 export: venv
 	$(PY) -m adaface_server.models.export --format $(FORMAT) --arch $(ARCH) --repository $(REPO) \
-		--name $(MODEL) $(if $(CKPT),--checkpoint $(CKPT),)
+		--name $(MODEL) $(if $(CKPT),--checkpoint $(CKPT),) $(if $(filter 1,$(OPENVINO)),--openvino,)
 
 # Exports only when there is no model yet or a checkpoint was given.
 serve: venv
