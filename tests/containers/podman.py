@@ -220,7 +220,7 @@ def wheelhouse(dest: Path = CACHE / "wheelhouse") -> Path:
     pip = [sys.executable, "-m", "pip", "download", "-q", "-d", str(dest)]
     constraints = ["-c", str(ROOT / "constraints.txt")]
     # The image's requirements: the project's runtime deps plus what builds it.
-    local = [str(p) for p in projects]
+    local = [f"{p}[openvino]" if p == ROOT else str(p) for p in projects]
     _run([*pip, *constraints, "--only-binary=:all:", *local, "setuptools>=69"], timeout=900)
     _run([*pip, "--no-deps", "--only-binary=:all:", "facenet-pytorch==2.6.0"], timeout=300)
     for stray in dest.glob("adaface[_-]*"):
