@@ -208,14 +208,17 @@ class App:
         """Health tracks the backend after loading: a remote backend (Triton) may go away
         and come back, and health must say so without a restart."""
         serving: bool | None = None
+        served = False  # with --workers, this one waits NOT_SERVING for the others at first
         while True:
             ready = self._workers.all_serving(self.embedding.ready())
             if ready != serving:
-                if serving is not None:
+                if served:
                     log.warning(
                         "model backend %s", "back: SERVING" if ready else "lost: NOT_SERVING"
                     )
-                serving = ready
+                elif ready and serving is not None:
+                    log.info("every worker serving: SERVING")
+                serving, served = ready, served or ready
                 status = health_pb2.HealthCheckResponse
                 await self._set_health(status.SERVING if ready else status.NOT_SERVING)
             # ready() only reads flags, so polling it is cheap; the backend does the probing.

@@ -127,6 +127,8 @@ def info_count(metrics: str) -> float:
 def test_two_workers_share_the_port_and_metrics_add_up(workers):
     pids = workers.worker_pids()
     assert len(pids) == 2
+    # A worker waiting for the other at start-up never had a backend to lose.
+    assert "back: SERVING" not in workers.text() and "lost: NOT_SERVING" not in workers.text()
     seen = workers.answering_pids()
     assert seen == set(pids), (seen, pids)
     # Both workers' counters are aggregated on the parent's one /metrics port.
