@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -35,7 +34,7 @@ from ..models.repository import (
     openvino_model_name,
     read_model_config,
 )
-from .base import effective_max_batch_size
+from .embedded import EmbeddedBackend
 
 log = logging.getLogger(__name__)
 
@@ -107,35 +106,12 @@ class OpenVINORunner:
         return embeddings, norms
 
 
-class OpenVINOBackend:
+class OpenVINOBackend(EmbeddedBackend):
     """Serves `<repository>/<model>_openvino/<version>/model.xml` on the CPU; limits come from
     that model's config.pbtxt (the same tensors and max_batch_size as the TorchScript one)."""
 
     name = "openvino"
     target = "the embedded OpenVINO backend"
-    needs_batching = True
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._spec: ModelSpec | None = None
-        self._runner: OpenVINORunner | None = None
-        self._ready = False
-        self.device = ""
-        self.precision = ""
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openvino")
-
-    @property
-    def spec(self) -> ModelSpec:
-        if self._spec is None:
-            raise Unavailable(f"model {self._settings.model!r} is not loaded")
-        return self._spec
-
-    @property
-    def max_batch_size(self) -> int:
-        return effective_max_batch_size(self.spec, self._settings)
-
-    def ready(self) -> bool:
-        return self._ready
 
     def _load_spec(self) -> ModelSpec:
         settings = self._settings
@@ -225,11 +201,7 @@ class OpenVINOBackend:
         self.device, self.precision = "cpu", chosen
         # The CPU plugin plans kernels per input shape: run the common batch sizes once.
         sizes = sorted({1, 2, max(1, self.max_batch_size // 2), self.max_batch_size})
-        dtype = np.uint8 if spec.input_dtype == "uint8" else np.float32
-        for size in sizes:
-            zeros = np.zeros((size, *spec.input_dims), dtype=dtype)
-            for _ in range(2):
-                self._runner(zeros)
+        self._warm_up(sizes)
         log.info(
             "model %s runs with OpenVINO on cpu in %s with %s input (requested --precision %s, "
             "%d threads); warmed up for batch sizes %s",
@@ -240,13 +212,3 @@ class OpenVINOBackend:
             threads,
             ", ".join(map(str, sizes)),
         )
-
-    async def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self._runner is None:
-            raise Unavailable(f"model {self._settings.model!r} is not loaded")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._runner, batch)
-
-    async def close(self) -> None:
-        self._ready = False
-        self._executor.shutdown(wait=True)

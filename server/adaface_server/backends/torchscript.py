@@ -6,50 +6,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
-from ..config import Settings
 from ..errors import StartupError, Unavailable
 from ..models.repository import ModelRepositoryError, ModelSpec, load_model_spec
-from .base import effective_max_batch_size
+from .embedded import EmbeddedBackend
 
 log = logging.getLogger(__name__)
 
 
-class TorchScriptBackend:
+class TorchScriptBackend(EmbeddedBackend):
     """Loads `<repository>/<model>/<version>/model.pt`; limits come from the same config.pbtxt
     Triton reads, so the embedded and Triton backends cannot disagree."""
 
     name = "torchscript"
     target = "the embedded TorchScript backend"
-    needs_batching = True
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._spec: ModelSpec | None = None
-        self._runner = None
-        self._ready = False
-        #: What runs, once loaded: e.g. "cpu" / "cuda:0" and "fp32" / "bf16" / "fp16".
-        self.device = ""
-        self.precision = ""
-        # One thread owns the model: torch parallelises inside a forward pass, and a single
-        # caller keeps batches from competing for the same cores.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchscript")
-
-    @property
-    def spec(self) -> ModelSpec:
-        if self._spec is None:
-            raise Unavailable(f"model {self._settings.model!r} is not loaded")
-        return self._spec
-
-    @property
-    def max_batch_size(self) -> int:
-        return effective_max_batch_size(self.spec, self._settings)
-
-    def ready(self) -> bool:
-        return self._ready
 
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
@@ -114,11 +84,7 @@ class TorchScriptBackend:
             sizes = list(range(1, self.max_batch_size + 1))
         else:
             sizes = sorted({1, 2, max(1, self.max_batch_size // 2), self.max_batch_size})
-        dtype = np.uint8 if spec.input_dtype == "uint8" else np.float32
-        for size in sizes:
-            zeros = np.zeros((size, *spec.input_dims), dtype=dtype)
-            for _ in range(2):
-                self._runner(zeros)
+        self._warm_up(sizes)
         log.info(
             "model %s runs on %s in %s with %s input (requested --device %s --precision %s); "
             "warmed up for batch sizes %s",
@@ -130,19 +96,6 @@ class TorchScriptBackend:
             self._settings.precision,
             _ranges(sizes),
         )
-
-    def _infer_sync(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._runner(batch)
-
-    async def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self._runner is None:
-            raise Unavailable(f"model {self._settings.model!r} is not loaded")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._infer_sync, batch)
-
-    async def close(self) -> None:
-        self._ready = False
-        self._executor.shutdown(wait=True)
 
 
 def _ranges(sizes: list[int]) -> str:
