@@ -153,8 +153,8 @@ def extract_to_parquet(
 ) -> None:
     """Embeds every image of `source` on the running Ray cluster and writes Parquet to `output`.
 
-    `source`: a folder (every image below it, by suffix; column ``path`` is the path
-    relative to the folder, images are read by Ray's file readers) or a manifest: a .csv
+    `source`: a folder (every image below it, by suffix, in sorted order; column ``path``
+    is the path relative to the folder, images are read by Ray tasks) or a manifest: a .csv
     or .parquet file with a `path_column` (read by the workers, so paths must be visible
     to every node) and any other columns (ids, labels), kept. Rows keep the source's
     order. Adds ``embedding``, ``norm`` and ``error`` as EmbedBatches does. Call
@@ -174,14 +174,19 @@ def extract_to_parquet(
         )
         if not files:
             raise ValueError(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        ds = ray.data.read_binary_files(files, include_paths=True)
-        root = str(src.resolve())
+        root = src.resolve()
+        # The sorted list is the order: Ray's read_binary_files may reorder the files of a
+        # folder between its read tasks (18.jpg and 19.jpg came before 10.jpg once), so
+        # Ray tasks read the listed files themselves, in blocks that keep the list's order.
+        relative = [os.path.relpath(os.path.abspath(p), root) for p in files]
+        ds = ray.data.from_items([{"path": p} for p in relative])
 
-        def relative(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            paths = [os.path.relpath(os.path.abspath(p), root) for p in batch["path"]]
-            return {**batch, "path": np.asarray(paths, dtype=object)}
+        def read(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            data = np.empty(len(batch["path"]), dtype=object)
+            data[:] = [(root / p).read_bytes() for p in batch["path"]]
+            return {"path": batch["path"], "bytes": data}
 
-        ds = ds.map_batches(relative, batch_format="numpy")
+        ds = ds.map_batches(read, batch_format="numpy")
         kwargs.update(column="bytes", drop_input=True)
     elif src.suffix.lower() == ".csv":
         ds = ray.data.read_csv(str(src))
