@@ -16,7 +16,6 @@ Figures are only comparable within one run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import statistics
 import sys
@@ -31,6 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_server import face_photos
 
+from adaface_server.backends.openvino import openvino_available
 from adaface_server.backends.precision import cpu_supports_bf16
 from adaface_server.preprocess.detect import MTCNN, DetectParams
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         rows["bf16, 8 photos per call"] = lambda ps: bf16.detect_many(
             ps, [DetectParams()] * len(ps)
         )
-    if importlib.util.find_spec("openvino") is not None:
+    if openvino_available():
         for precision in ("fp32", "bf16") if cpu_supports_bf16() else ("fp32",):
             ov = MTCNN(
                 args.weights, max_side=args.max_side, precision=precision, runtime="openvino",

@@ -171,37 +171,26 @@ def run(
         finally:
             stop(server)
 
-        triton = TritonProcess(twin, Path(tmp) / "triton.log", install).start()
-        try:
-            results["Triton direct"] = [
-                asyncio.run(drive_direct(triton.url, name, c, k, seconds, inputs))
-                for c, k in SCENARIOS
-            ]
-            server, address = start_server(
-                repo, name, threads, batch, "--backend", "triton", "--triton-url", triton.url
-            )
+        for suffix, model_repo, twin_repo, batch_inputs, log in (
+            ("", repo, twin, inputs, "triton.log"),
+            (" (uint8)", repo_u8, twin_u8, inputs_u8, "triton_u8.log"),
+        ):
+            triton = TritonProcess(twin_repo, Path(tmp) / log, install).start()
             try:
-                results["server -> Triton"] = measure_server(address, seconds, crops)
+                results[f"Triton direct{suffix}"] = [
+                    asyncio.run(drive_direct(triton.url, name, c, k, seconds, batch_inputs))
+                    for c, k in SCENARIOS
+                ]
+                server, address = start_server(
+                    model_repo, name, threads, batch, "--backend", "triton",
+                    "--triton-url", triton.url,
+                )  # fmt: skip
+                try:
+                    results[f"server -> Triton{suffix}"] = measure_server(address, seconds, crops)
+                finally:
+                    stop(server)
             finally:
-                stop(server)
-        finally:
-            triton.stop()
-
-        triton = TritonProcess(twin_u8, Path(tmp) / "triton_u8.log", install).start()
-        try:
-            results["Triton direct (uint8)"] = [
-                asyncio.run(drive_direct(triton.url, name, c, k, seconds, inputs_u8))
-                for c, k in SCENARIOS
-            ]
-            server, address = start_server(
-                repo_u8, name, threads, batch, "--backend", "triton", "--triton-url", triton.url
-            )
-            try:
-                results["server -> Triton (uint8)"] = measure_server(address, seconds, crops)
-            finally:
-                stop(server)
-        finally:
-            triton.stop()
+                triton.stop()
     return results, wire
 
 

@@ -118,11 +118,16 @@ def test_triton_serves_the_golden_vectors(triton, golden_ir18):
         result = client.infer("adaface_ir18", [tensor])
     finally:
         client.close()
+    assert_golden_outputs(result, golden_ir18)
+
+
+def assert_golden_outputs(result, golden) -> None:
+    """A tritonclient result against the golden vectors: embeddings 1e-5, norms rtol 1e-5."""
     embedding = torch.from_numpy(result.as_numpy("OUTPUT__0").copy())
-    assert (embedding - golden_ir18["embeddings"]).abs().max().item() <= 1e-5
+    assert (embedding - golden["embeddings"]).abs().max().item() <= 1e-5
     torch.testing.assert_close(
         torch.from_numpy(result.as_numpy("OUTPUT__1").copy()),
-        golden_ir18["norms"],
+        golden["norms"],
         rtol=1e-5,
         atol=0,
     )
@@ -134,7 +139,12 @@ def test_triton_serves_the_golden_vectors(triton, golden_ir18):
 @pytest.mark.parametrize("flip", [False, True])
 def test_triton_backend_equals_embedded_backend(both_servers, flip):
     embedded, remote = both_servers
-    crops = [crop(100 + s) for s in range(21)]  # > max_batch_size: several concurrent chunks
+    assert_same_embeddings(embedded, remote, [crop(100 + s) for s in range(21)], flip)
+
+
+def assert_same_embeddings(embedded, remote, crops, flip: bool) -> None:
+    """Both servers embed `crops` alike: vectors within 1e-5, norms rtol 1e-5. More crops than
+    max_batch_size send several concurrent chunks."""
     with (
         grpc.insecure_channel(embedded.address) as a,
         grpc.insecure_channel(remote.address) as b,

@@ -9,7 +9,6 @@ import time
 import grpc
 import numpy as np
 import pytest
-import torch
 import tritonclient.grpc as triton_grpc
 
 from adaface.v1 import embedder_pb2, embedder_pb2_grpc
@@ -18,15 +17,13 @@ from adaface_server.models.export import export_python_backend
 
 from .server_harness import ServerThread, running, server_settings
 from .test_embed_rpc import crop
-from .test_triton import NOT_SERVING, embed
+from .test_triton import NOT_SERVING, assert_golden_outputs, assert_same_embeddings
 from .triton_harness import (
     TritonProcess,
     TritonUnavailable,
     find_tritonserver,
     missing_tritonserver,
 )
-
-ATOL = 1e-5  # as test_triton's Triton-vs-embedded equality
 
 
 def start_triton(repository, name, tmp_path, edit=None) -> TritonProcess:
@@ -72,14 +69,7 @@ def test_triton_serves_uint8_pixels_to_the_golden_vectors(triton_uint8, golden_i
     finally:
         client.close()
     assert served_input.datatype == "UINT8"
-    embedding = torch.from_numpy(result.as_numpy("OUTPUT__0").copy())
-    assert (embedding - golden_ir18["embeddings"]).abs().max().item() <= ATOL
-    torch.testing.assert_close(
-        torch.from_numpy(result.as_numpy("OUTPUT__1").copy()),
-        golden_ir18["norms"],
-        rtol=1e-5,
-        atol=0,
-    )
+    assert_golden_outputs(result, golden_ir18)
 
 
 @pytest.mark.parametrize("flip", [False, True])
@@ -87,15 +77,7 @@ def test_triton_uint8_equals_embedded_fp32(uint8_servers, flip):
     embedded, remote = uint8_servers
     assert remote.app.embedding.backend.spec.input_dtype == "uint8"
     assert embedded.app.embedding.backend.spec.input_dtype == "fp32"
-    crops = [crop(900 + s) for s in range(21)]  # > max_batch_size: several concurrent chunks
-    with (
-        grpc.insecure_channel(embedded.address) as a,
-        grpc.insecure_channel(remote.address) as b,
-    ):
-        local = embed(embedder_pb2_grpc.EmbedderStub(a), crops, flip)
-        via_triton = embed(embedder_pb2_grpc.EmbedderStub(b), crops, flip)
-    assert np.abs(local[0] - via_triton[0]).max() <= ATOL
-    np.testing.assert_allclose(local[1], via_triton[1], rtol=1e-5)
+    assert_same_embeddings(embedded, remote, [crop(900 + s) for s in range(21)], flip)
 
 
 def test_a_float_batch_for_a_uint8_input_is_internal(uint8_servers, caplog):

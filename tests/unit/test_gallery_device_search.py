@@ -17,6 +17,8 @@ from adaface_server.gallery import device_search
 from adaface_server.gallery.device_search import DeviceMirror
 from adaface_server.gallery.index import Change, ExactIndex, Rows, Stopped, create_index
 
+from .test_gallery_index import Countdown
+
 DIM = 64
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -226,15 +228,6 @@ def test_mirror_sync_without_changes_is_free():
     state = mirror.sync(rows)
     assert mirror.sync(rows) is state
     assert mirror.sync(rows.without(np.asarray([3]))).matrix is state.matrix
-
-
-class Countdown:
-    def __init__(self, after: int) -> None:
-        self.after, self.asked = after, 0
-
-    def __call__(self) -> bool:
-        self.asked += 1
-        return self.asked > self.after
 
 
 @pytest.mark.parametrize("scoring", ["max", "mean"])

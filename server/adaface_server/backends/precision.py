@@ -130,24 +130,20 @@ def detector_placement(
         except PrecisionError as exc:
             raise PrecisionError(str(exc).replace("--precision", "--detect-precision")) from None
         precision = precision_setting
+    from .openvino import openvino_available
+
     runtime = runtime_setting
     if runtime == "auto":
-        runtime = "openvino" if device.type == "cpu" and _openvino_installed() else "torch"
+        runtime = "openvino" if device.type == "cpu" and openvino_available() else "torch"
     elif runtime == "openvino":
         if device.type != "cpu":
             raise PrecisionError(f"--detect-runtime openvino runs on the CPU, not {device}")
-        if not _openvino_installed():
+        if not openvino_available():
             raise PrecisionError(
                 "--detect-runtime openvino needs the openvino package "
                 "(pip install 'adaface-serving[openvino]')"
             )
     return DetectorPlacement(device, precision, runtime)
-
-
-def _openvino_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("openvino") is not None
 
 
 class ModelRunner:
