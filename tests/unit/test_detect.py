@@ -124,6 +124,38 @@ def test_nms_union_and_min() -> None:
     assert nms(boxes, scores, 0.7, mode="min").tolist() == [3, 2]
 
 
+def upstream_nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str) -> list:
+    """AdaFace's nms loop: keep the best, drop what overlaps it by more than threshold."""
+    x1, y1, x2, y2 = boxes.T
+    area = (x2 - x1 + 1.0) * (y2 - y1 + 1.0)
+    order, keep = np.argsort(scores, kind="stable")[::-1], []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(int(i))
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1.0)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1.0)
+        inter = w * h
+        if mode == "min":
+            overlap = inter / np.minimum(area[i], area[rest])
+        else:
+            overlap = inter / (area[i] + area[rest] - inter)
+        order = rest[overlap <= threshold]
+    return keep
+
+
+@pytest.mark.parametrize("n", [2, 63, 64, 65, 200, 700])
+def test_blocked_nms_keeps_what_upstreams_loop_keeps(n: int) -> None:
+    """Across block edges, with tied scores and clustered boxes (many suppressions)."""
+    rng = np.random.default_rng(n)
+    for _ in range(5):
+        corner = rng.uniform(0, 250, (n, 2)).round(1)
+        boxes = np.concatenate([corner, corner + rng.integers(8, 60, (n, 1))], axis=1)
+        scores = rng.integers(0, 12, n) / 12.0
+        for mode, threshold in (("union", 0.5), ("union", 0.7), ("min", 0.7)):
+            expected = upstream_nms(boxes, scores, threshold, mode)
+            assert nms(boxes, scores, threshold, mode).tolist() == expected
+
+
 def test_missing_and_corrupt_weights_say_how_to_fetch(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match=r"missing.*mtcnn_weights --dest"):
         weight_paths(tmp_path)

@@ -28,6 +28,9 @@ _BILINEAR = Image.Resampling.BILINEAR
 # Crops per R-Net / O-Net call on CPU: 256 ran at 61 us per R-Net crop, against 80 at the
 # ~170 crops of one noisy 640x480 photo and 108 at 32 (2-core Xeon, bench/bench_detect.py).
 CPU_SLICE = 256
+# Boxes whose pairwise overlaps nms() settles at once: 64 ran 4x faster than one numpy pass
+# per kept box at 80-600 candidates, 128 and 256 no faster, 512 slower past 600.
+NMS_BLOCK = 64
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -72,27 +75,46 @@ def _normalise(batch: np.ndarray) -> torch.Tensor:
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "union") -> np.ndarray:
-    """Greedy NMS, highest score first; returns kept indices in decreasing score order."""
+    """Greedy NMS, highest score first; returns kept indices in decreasing score order.
+
+    Upstream's loop (keep the best box, drop every other box overlapping it by more than
+    threshold, repeat) with its overlaps computed a block of NMS_BLOCK boxes at a time: a
+    block is first cleared against the boxes already kept, then its pairwise overlaps
+    settle it in score order. Same pairs, same float64 arithmetic, so the same boxes are
+    kept, 3-5x faster than one numpy pass per kept box at the 30-600 candidates of a
+    P-Net level (2 ms of a noisy 640x480 photo's 43, down from 4)."""
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
-    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    area = (x2 - x1 + 1.0) * (y2 - y1 + 1.0)
     # A stable ascending sort read from the end matches upstream's tie order.
     order = np.argsort(scores, kind="stable")[::-1]
-    keep = []
-    while order.size:
-        i = order[0]
-        keep.append(i)
-        rest = order[1:]
-        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1.0)
-        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1.0)
-        inter = w * h
-        if mode == "min":
-            overlap = inter / np.minimum(area[i], area[rest])
-        else:
-            overlap = inter / (area[i] + area[rest] - inter)
-        order = rest[overlap <= threshold]
-    return np.asarray(keep, dtype=np.int64)
+    ordered = boxes[order]
+    area = (ordered[:, 2] - ordered[:, 0] + 1.0) * (ordered[:, 3] - ordered[:, 1] + 1.0)
+    kept: list[int] = []
+    for start in range(0, len(order), NMS_BLOCK):
+        block = np.arange(start, min(start + NMS_BLOCK, len(order)))
+        alive = np.ones(len(block), dtype=bool)
+        if kept:
+            earlier = np.asarray(kept)
+            alive &= ~(_overlap(ordered, area, earlier, block, mode) > threshold).any(axis=0)
+        spares = _overlap(ordered, area, block, block, mode) <= threshold
+        for k in np.flatnonzero(alive).tolist():
+            if alive[k]:
+                kept.append(start + k)
+                alive &= spares[k]
+    return order[np.asarray(kept, dtype=np.int64)]
+
+
+def _overlap(
+    boxes: np.ndarray, area: np.ndarray, rows: np.ndarray, cols: np.ndarray, mode: str
+) -> np.ndarray:
+    """Overlap of each row box (the kept one, upstream's i) with each column box."""
+    a, b = boxes[rows], boxes[cols]
+    w = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    h = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = np.maximum(0.0, w + 1.0) * np.maximum(0.0, h + 1.0)
+    if mode == "min":
+        return inter / np.minimum(area[rows][:, None], area[cols][None, :])
+    return inter / (area[rows][:, None] + area[cols][None, :] - inter)
 
 
 def _calibrate(boxes: np.ndarray, offsets: np.ndarray) -> np.ndarray:
