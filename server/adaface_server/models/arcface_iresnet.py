@@ -10,15 +10,13 @@ downsample.0,downsample.1}``, ``bn2``, ``fc``, ``features``), sometimes with DDP
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from adaface_server.models.checkpoint import CheckpointError, read_checkpoint
+from adaface_server.models.checkpoint import CheckpointError, read_checkpoint, seeded_weights
 from adaface_server.models.iresnet import EMBEDDING_DIM, INPUT_SIZE, Flatten
 
 ARCFACE_ARCHS: tuple[str, ...] = ("r18", "r34", "r50", "r100")
@@ -167,33 +165,8 @@ def random_arcface_state_dict(arch: str, seed: int = 0) -> dict[str, torch.Tenso
     """
     with torch.device("meta"):
         model = build_arcface_model(arch)
-    rng = np.random.default_rng(seed)
-    out: dict[str, torch.Tensor] = {}
-    for key, meta in model.state_dict().items():
-        owner_name, leaf = key.rsplit(".", 1)
-        owner = model.get_submodule(owner_name)
-        shape = tuple(int(d) for d in meta.shape)
-        if leaf == "num_batches_tracked":
-            out[key] = torch.zeros((), dtype=torch.int64)
-            continue
-        if leaf == "running_mean":
-            values = 0.1 * rng.standard_normal(shape, dtype=np.float32)
-        elif leaf == "running_var":
-            values = rng.uniform(0.5, 1.5, shape).astype(np.float32)
-        elif isinstance(owner, nn.PReLU):
-            values = np.full(shape, 0.25, dtype=np.float32)
-        elif isinstance(owner, nn.modules.batchnorm._BatchNorm):
-            if leaf == "weight" and owner_name == "features":
-                values = np.ones(shape, dtype=np.float32)
-            elif leaf == "weight":
-                gain = 0.1 if owner_name.endswith(".bn3") else 1.0
-                values = (gain * rng.uniform(0.9, 1.1, shape)).astype(np.float32)
-            else:
-                values = 0.05 * rng.standard_normal(shape, dtype=np.float32)
-        elif leaf == "weight":
-            fan_in = math.prod(shape[1:])
-            values = math.sqrt(2.0 / fan_in) * rng.standard_normal(shape, dtype=np.float32)
-        else:
-            values = 0.01 * rng.standard_normal(shape, dtype=np.float32)
-        out[key] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
-    return out
+    return seeded_weights(model, seed, _is_branch_end, ones=frozenset({"features"}))
+
+
+def _is_branch_end(bn_name: str) -> bool:
+    return bn_name.endswith(".bn3")  # each block's last BN

@@ -10,7 +10,7 @@ import tempfile
 import types
 import zipfile
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -294,6 +294,21 @@ def random_state_dict(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
     for unit_name, unit in model.body.named_children():
         norms = [n for n, m in unit.res_layer.named_children() if isinstance(m, nn.BatchNorm2d)]
         branch_ends.add(f"body.{unit_name}.res_layer.{norms[-1]}")
+    return seeded_weights(model, seed, damped=branch_ends.__contains__)
+
+
+def seeded_weights(
+    model: nn.Module,
+    seed: int,
+    damped: Callable[[str], bool],
+    ones: frozenset[str] = frozenset(),
+) -> dict[str, torch.Tensor]:
+    """Random values for every entry of a (meta) model's state dict, drawn in key order.
+
+    The scales of random_state_dict; `damped(name)` picks the BNs whose weights are near 0.1
+    (each residual branch's last), and the BNs named in `ones` get weights of exactly 1 (a
+    frozen layer). Draw order and scales fix the bytes, which golden vectors depend on.
+    """
     rng = np.random.default_rng(seed)
     out: dict[str, torch.Tensor] = {}
     for key, meta in model.state_dict().items():
@@ -310,8 +325,10 @@ def random_state_dict(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
         elif isinstance(owner, nn.PReLU):
             values = np.full(shape, 0.25, dtype=np.float32)
         elif isinstance(owner, nn.modules.batchnorm._BatchNorm):
-            if leaf == "weight":
-                gain = 0.1 if owner_name in branch_ends else 1.0
+            if leaf == "weight" and owner_name in ones:
+                values = np.ones(shape, dtype=np.float32)
+            elif leaf == "weight":
+                gain = 0.1 if damped(owner_name) else 1.0
                 values = (gain * rng.uniform(0.9, 1.1, shape)).astype(np.float32)
             else:
                 values = 0.05 * rng.standard_normal(shape, dtype=np.float32)
