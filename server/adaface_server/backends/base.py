@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from ..errors import Unavailable
+
 if TYPE_CHECKING:
     from ..config import Settings
     from ..models.repository import ModelSpec
@@ -41,6 +43,31 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class LoadedModel:
+    """The spec, limit and readiness every backend reports the same way: a subclass sets
+    `_spec` once its model is loaded and `_ready` while it serves."""
+
+    target: str
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._spec: ModelSpec | None = None
+        self._ready = False
+
+    @property
+    def spec(self) -> ModelSpec:
+        if self._spec is None:
+            raise Unavailable(f"model {self._settings.model!r} on {self.target} is not loaded")
+        return self._spec
+
+    @property
+    def max_batch_size(self) -> int:
+        return effective_max_batch_size(self.spec, self._settings)
+
+    def ready(self) -> bool:
+        return self._ready
 
 
 def effective_max_batch_size(spec: ModelSpec, settings: Settings) -> int:

@@ -11,13 +11,12 @@ import numpy as np
 
 from ..config import Settings
 from ..errors import Unavailable
-from ..models.repository import ModelSpec
-from .base import effective_max_batch_size
+from .base import LoadedModel
 
 Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-class EmbeddedBackend:
+class EmbeddedBackend(LoadedModel):
     """Base of the in-process backends: subclasses set `_spec` and `_runner` in `load`.
 
     One thread owns the model: the runtime parallelises inside a forward pass, and a single
@@ -28,27 +27,12 @@ class EmbeddedBackend:
     needs_batching = True
 
     def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._spec: ModelSpec | None = None
+        super().__init__(settings)
         self._runner: Runner | None = None
-        self._ready = False
         #: What runs, once loaded: e.g. "cpu" / "cuda:0" and "fp32" / "bf16" / "fp16".
         self.device = ""
         self.precision = ""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
-
-    @property
-    def spec(self) -> ModelSpec:
-        if self._spec is None:
-            raise Unavailable(f"model {self._settings.model!r} is not loaded")
-        return self._spec
-
-    @property
-    def max_batch_size(self) -> int:
-        return effective_max_batch_size(self.spec, self._settings)
-
-    def ready(self) -> bool:
-        return self._ready
 
     def _warm_up(self, sizes: Sequence[int]) -> None:
         """Runs each batch size twice (runtimes plan kernels per input shape)."""

@@ -59,7 +59,7 @@ from ..models.repository import (
     load_model_spec,
 )
 from ..request_context import time_left
-from .base import effective_max_batch_size
+from .base import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -69,39 +69,24 @@ _GONE = {"StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND", "StatusCode.CANCELLED
 MAX_MESSAGE_BYTES = 2**31 - 1
 
 
-class TritonBackend:
+class TritonBackend(LoadedModel):
     """Runs the model on a Triton server; see the module docstring for the state machine."""
 
     name = "triton"
     needs_batching = False
 
     def __init__(self, settings: Settings) -> None:
-        self._settings = settings
+        super().__init__(settings)
         self._url = settings.triton_url
         self.target = f"Triton at {self._url}"
         self._version = settings.triton_model_version
         self._client: Any = None
-        self._spec: ModelSpec | None = None
-        self._ready = False
         self._reason = "not connected yet"
         self._wake = asyncio.Event()
         self._watcher: asyncio.Task | None = None
         self._outputs: list[Any] = []
 
     # -- Backend protocol ----------------------------------------------------------------
-
-    @property
-    def spec(self) -> ModelSpec:
-        if self._spec is None:
-            raise Unavailable(f"model {self._settings.model!r} on {self.target} is not loaded")
-        return self._spec
-
-    @property
-    def max_batch_size(self) -> int:
-        return effective_max_batch_size(self.spec, self._settings)
-
-    def ready(self) -> bool:
-        return self._ready
 
     async def load(self) -> None:
         """Connects, checks the model against the contract and starts the readiness watcher.
