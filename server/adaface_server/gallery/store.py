@@ -273,9 +273,11 @@ class Store:
             )
             return
         if busy:
-            log.warning(
-                "gallery store %s: WAL not emptied at close (another connection is reading);"
-                " the WAL keeps every committed write",
+            # Normal with --workers N sharing the file: the last worker to stop empties it.
+            log.info(
+                "gallery store %s: WAL left for the other connections at close (another "
+                "process is using the file); the WAL keeps every committed write and the last "
+                "to close empties it",
                 self.path,
             )
         else:
