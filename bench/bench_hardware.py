@@ -15,7 +15,8 @@ Rows:
 - raw 640x480 photos with detection (MTCNN, same clients) against those aligned crops, per
   precision: the issue's goal is >= 0.5x;
 - --workers 1 (all cores as intra-op threads) vs --workers 2 (cores / 2 each), at the
-  runtime and precision `auto` picks.
+  runtime and precision `auto` picks, for aligned crops and (unless --no-photos) for raw
+  photos with detection.
 
 Usage: python bench/bench_hardware.py [--arch ir_50] [--seconds 6] [--rounds 3]
        [--no-compile] [--no-photos] [--no-workers]
@@ -300,9 +301,17 @@ def main() -> int:
             return 0
 
         one = served(repo, names["fp32"], batch, args.seconds, "--workers", "1",
-                     "--threads", threads)  # fmt: skip
-        two = served(repo, names["fp32"], batch, args.seconds, "--workers", "2")
-        print("\n## Workers (runtime and precision auto; 4 clients x 8 crops per call)\n")
+                     "--threads", threads, photos=photos)  # fmt: skip
+        two = served(repo, names["fp32"], batch, args.seconds, "--workers", "2", photos=photos)
+        print("\n## Workers (runtime and precision auto; 4 clients x 8 per call)\n")
+        if photos:
+            print("| workers | intra-op threads each | crops img/s | / 1 worker | photos img/s "
+                  "| / 1 worker |")  # fmt: skip
+            print("|---|---:|---:|---:|---:|---:|")
+            for n, (crops, found) in ((1, one), (2, two)):
+                print(f"| {n} | {max(1, cores // n)} | {crops:.1f} | {crops / one[0]:.2f} | "
+                      f"{found:.1f} | {found / one[1]:.2f} |")  # fmt: skip
+            return 0
         print("| workers | intra-op threads each | img/s | / 1 worker |")
         print("|---|---:|---:|---:|")
         print(f"| 1 | {cores} | {one:.1f} | 1.00 |")
