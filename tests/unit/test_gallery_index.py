@@ -101,6 +101,37 @@ def test_float16_storage_is_close(data):
         assert got[0].label == expected[0][0]
 
 
+@pytest.mark.parametrize("chunk_bytes", [1 << 12, 1 << 20])
+def test_float16_rows_give_the_exact_top_k_of_the_stored_vectors(chunk_bytes):
+    """Crowded near-ties (rows 1e-4 apart, below fp16's resolution of a score) that a top-k
+    picked by fp16 scores alone gets wrong; with the margin and fp32 rescoring the result is
+    the exact fp32 top-k of the stored fp16 vectors, ties by row, tombstones skipped."""
+    rng = np.random.default_rng(7)
+    base = unit(rng.standard_normal((1, DIM)))
+    crowd = unit(base + 2e-4 * rng.standard_normal((1500, DIM)))
+    others = unit(rng.standard_normal((2500, DIM)))
+    vectors = np.concatenate([others[:1000], crowd, others[1000:]]).astype(np.float16)
+    rows = Rows.empty(DIM, np.float16).appended(
+        np.arange(len(vectors)), np.zeros(len(vectors), np.int64), vectors
+    )
+    dead = np.sort(rng.choice(len(vectors), 300, replace=False))
+    rows = Rows(rows.buffer, rows.n, dead)
+    probes = unit(base + 0.01 * rng.standard_normal((5, DIM)))
+    exact = probes @ vectors.astype(np.float32).T
+    exact[:, dead] = -np.inf
+    for k in (1, 10, 40):
+        scores, found = top_rows(rows, probes, k, chunk_bytes=chunk_bytes)
+        for p in range(len(probes)):
+            # The fp32 k best up to summation order (BLAS here, einsum there: 1e-7 apart).
+            best = -np.sort(-exact[p])[:k]
+            np.testing.assert_allclose(scores[p], best, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(exact[p, found[p]], best, rtol=0, atol=1e-6)
+            assert len(set(found[p].tolist())) == k
+            for i in range(k - 1):  # best first, ties by row
+                s_i, s_j, r_i, r_j = scores[p, i], scores[p, i + 1], found[p, i], found[p, i + 1]
+                assert s_i > s_j or (s_i == s_j and r_i < r_j)
+
+
 def test_tombstones_then_compaction(data):
     vectors, labels, probes = data
     index = filled(ExactIndex(DIM, compact_ratio=0.5), vectors, labels)

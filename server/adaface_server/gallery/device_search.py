@@ -137,6 +137,15 @@ class DeviceMirror:
         return torch.from_numpy(rows.dead).to(self.device)
 
 
+def host_view(rows: Rows) -> DeviceRows:
+    """The fp16 rows of a host Rows as a DeviceRows on the CPU (no copy): top_rows on it is
+    the exact search of an fp16 gallery kept in host memory (--gallery-dtype float16)."""
+    if rows.matrix.dtype != np.float16:
+        raise ValueError(f"host_view needs float16 rows, not {rows.matrix.dtype}")
+    dead = torch.from_numpy(np.array(rows.dead, dtype=np.int64))  # a writable copy
+    return DeviceRows(rows.buffer.lineage, torch.from_numpy(rows.matrix), rows.n, rows.dead, dead)
+
+
 def _stop(should_stop: StopCheck, row: int, rows: int) -> None:
     from .index import _check
 

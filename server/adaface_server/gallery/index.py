@@ -160,19 +160,22 @@ def top_rows(
 
     The gallery is scanned in chunks sized so one block of scores stays within
     `chunk_bytes`; one probe makes a single sgemv over everything. fp32 products run in
-    numpy's BLAS; fp16 ones in torch, which multiplies half floats directly (numpy would
-    convert each chunk first, at ~10x the cost), and the winners are rescored in fp32.
-    Top-k uses torch.topk: about 3x faster than np.argpartition on wide score blocks.
+    numpy's BLAS. Top-k uses torch.topk: about 3x faster than np.argpartition on wide score
+    blocks. fp16 rows (--gallery-dtype float16) go through the device search's algorithm on
+    the CPU (device_search.host_view): torch multiplies half floats directly (numpy would
+    convert each chunk first, at ~10x the cost), and candidates within its error margin are
+    rescored in fp32, so the result is the exact fp32 top-k of the stored fp16 vectors.
     """
     q = probes.shape[0]
     k = max(0, min(k, rows.alive))
     if k == 0 or rows.n == 0:
         return np.empty((q, 0), np.float32), np.empty((q, 0), np.int64)
     matrix = rows.matrix
-    half = matrix.dtype == np.float16
-    if not half and q >= BF16_MIN_PROBES:
+    if matrix.dtype == np.float16:
+        view = device_search.host_view(rows)
+        return device_search.top_rows(view, rows, probes, k, chunk_bytes, should_stop)
+    if q >= BF16_MIN_PROBES:
         return _top_rows_bf16(rows, probes, k, chunk_bytes, should_stop)
-    probes_t = torch.from_numpy(probes.astype(np.float16)) if half else None
     chunk = max(k, 4096, chunk_bytes // (4 * q))
     best_s = torch.empty((q, 0), dtype=torch.float32)
     best_r = torch.empty((q, 0), dtype=torch.int64)
@@ -180,11 +183,7 @@ def top_rows(
     for start in range(0, rows.n, chunk):
         _check(should_stop, start, rows.n)
         stop = min(start + chunk, rows.n)
-        block = matrix[start:stop]
-        if half:
-            scores = (probes_t @ torch.from_numpy(block).T).float()
-        else:
-            scores = torch.from_numpy(probes @ block.T)
+        scores = torch.from_numpy(probes @ matrix[start:stop].T)
         lo, hi = np.searchsorted(dead, [start, stop])
         if hi > lo:
             scores[:, torch.from_numpy(dead[lo:hi] - start)] = -torch.inf
@@ -199,9 +198,6 @@ def top_rows(
             order = torch.sort(best_s, dim=1, descending=True, stable=True).indices[:, :k]
             best_s, best_r = torch.gather(best_s, 1, order), torch.gather(best_r, 1, order)
     scores_np, rows_np = best_s.numpy(), best_r.numpy()
-    if half:
-        exact = np.einsum("qkd,qd->qk", matrix[rows_np].astype(np.float32), probes)
-        scores_np = np.where(np.isfinite(scores_np), exact, -np.inf).astype(np.float32)
     # Best first; equal scores by row number (as the bf16 and device passes order them).
     order = np.lexsort((rows_np, -scores_np), axis=1)
     return np.take_along_axis(scores_np, order, axis=1), np.take_along_axis(rows_np, order, axis=1)
