@@ -6,6 +6,7 @@ import base64
 import json
 import math
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -280,6 +281,19 @@ def test_openvino_detector_finds_the_same_faces(detector: MTCNN) -> None:
     (face,) = ov.detect(skimage.data.astronaut(), upstream)
     (ref,) = detector.detect(skimage.data.astronaut(), upstream)
     np.testing.assert_array_equal(face.landmarks, ref.landmarks)
+
+
+def test_openvino_detector_runs_torch_single_threaded_on_its_own_thread() -> None:
+    """Only the detector's torch thread drops to one intra-op thread: the caller's threads,
+    and threads that start using torch later, keep the setting they had."""
+    torch.set_num_threads(2)
+    ov = MTCNN(WEIGHTS, runtime="openvino", threads=2)
+    assert ov._torch_thread is not None
+    assert ov._torch_thread.submit(torch.get_num_threads).result() == 1
+    assert torch.get_num_threads() == 2
+    with ThreadPoolExecutor(1) as later:
+        assert later.submit(torch.get_num_threads).result() == 2
+    assert MTCNN(WEIGHTS)._torch_thread is None  # torch's nets keep every thread
 
 
 def test_openvino_runs_on_the_cpu_only() -> None:
