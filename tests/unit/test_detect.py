@@ -213,15 +213,15 @@ def test_detect_many_matches_one_photo_at_a_time(detector: MTCNN) -> None:
 
 
 def test_fast_pyramid_stays_within_one_level_of_pils(detector: MTCNN) -> None:
-    """The torch pyramid (default) against the PIL one (upstream_softmax): |diff| <= 1/255."""
+    """The torch pyramid (default) against the PIL one (upstream_softmax): pixels at most
+    one grey level apart, fewer than 1% of them differing."""
     image = two_faces()
     sizes = [(math.ceil(1024 * s), math.ceil(512 * s)) for s in (0.6, 0.43, 0.2, 0.05)]
     pil = list(detector._pyramid(image, sizes, exact=True))
     fast = list(detector._pyramid(image, sizes, exact=False))
     for a, b in zip(pil, fast, strict=True):
-        assert a.shape == b.shape
-        # Normalised pixels: one uint8 level is 1/128 apart.
-        assert (a - b).abs().max().item() <= 1 / 128 + 1e-6
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.uint8
+        assert (a.int() - b.int()).abs().max().item() <= 1
         assert (a != b).float().mean().item() < 0.01
 
 

@@ -66,13 +66,20 @@ class Face:
         return float((self.box[2] - self.box[0] + 1.0) * (self.box[3] - self.box[1] + 1.0))
 
 
-def _normalise(batch: np.ndarray) -> torch.Tensor:
-    """uint8/float NHWC RGB -> float32 NCHW (channels-last memory) in MTCNN's scale.
+def _normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels (uint8, or whole-valued floats) NCHW -> float32 in MTCNN's scale, same layout.
 
-    The permuted view of an NHWC array is already channels-last, the layout the nets are
-    kept in: on CPU their max-pools and convolutions ran 2-4x faster that way than NCHW."""
-    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-    return ((x - 127.5) * 0.0078125).permute(0, 3, 1, 2)
+    The nets are kept channels-last: on CPU their max-pools and convolutions ran 2-4x
+    faster that way than NCHW. (OpenVINO's nets do this in their graphs.)"""
+    return (pixels.float() - 127.5) * 0.0078125
+
+
+def _nchw_view(batch: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> the NCHW view of the same memory (channels-last); read-only arrays
+    (PIL's) are copied, as torch wants writable memory."""
+    if not batch.flags.writeable:
+        batch = batch.copy()
+    return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "union") -> np.ndarray:
@@ -259,12 +266,12 @@ class MTCNN:
         net = self.rnet if name == "rnet" else self.onet
         parts = []
         for start in range(0, len(batch), step):
-            x = _normalise(batch[start : start + step])
             if self._openvino is not None and not exact:
-                parts.append(self._openvino.run(name, x.numpy()))
+                parts.append(self._openvino.run(name, batch[start : start + step]))
                 continue
+            pixels = _nchw_view(batch[start : start + step]).to(self.device, non_blocking=True)
             with self._autocast(exact):
-                outputs = net(x.to(self.device, non_blocking=True))
+                outputs = net(_normalise(pixels))
             parts.append([o.float().cpu().numpy() for o in outputs])
         return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
 
@@ -317,11 +324,12 @@ class MTCNN:
         return out
 
     def _pyramid(self, image: np.ndarray, sizes: list[tuple[int, int]], exact: bool):
-        """Each (width, height) of the pyramid as a normalised float32 tensor on the device."""
+        """Each (width, height) of the pyramid as [1,3,h,w] pixels on the device: uint8
+        (channels-last) on the CPU, whole-valued float32 elsewhere."""
         if exact:
             pil = Image.fromarray(image)
             for size in sizes:
-                yield _normalise(np.asarray(pil.resize(size, _BILINEAR))[None]).to(self.device)
+                yield _nchw_view(np.asarray(pil.resize(size, _BILINEAR))[None]).to(self.device)
             return
         if not image.flags.writeable:
             image = image.copy()  # torch.from_numpy warns about read-only arrays
@@ -335,7 +343,7 @@ class MTCNN:
             )
             if level.dtype != torch.uint8:
                 level = level.round_().clamp_(0, 255)  # the uint8 pixels PIL would produce
-            yield (level.float() - 127.5) * 0.0078125
+            yield level
 
     def _stage1(self, image: np.ndarray, min_face: float, upstream_softmax: bool) -> np.ndarray:
         """P-Net over the image pyramid: candidate square boxes, rounded to integers."""
@@ -351,10 +359,11 @@ class MTCNN:
         levels = self._pyramid(image, sizes, exact=upstream_softmax)
         for s, level in zip(scales, levels, strict=True):
             if self._openvino is not None and not upstream_softmax:
-                logits, offsets = map(torch.from_numpy, self._openvino.run("pnet", level.numpy()))
+                nhwc = level.permute(0, 2, 3, 1).numpy()  # channels-last: no copy
+                logits, offsets = map(torch.from_numpy, self._openvino.run("pnet", nhwc))
             else:
                 with self._autocast(upstream_softmax):
-                    logits, offsets = self.pnet(level)
+                    logits, offsets = self.pnet(_normalise(level))
             # Upstream normalises over the last (width) axis, not the class axis: a bug
             # kept behind `upstream_softmax` for parity with AdaFace's own pipeline.
             probs = torch.softmax(logits.float(), dim=-1 if upstream_softmax else 1)[0, 1]

@@ -45,9 +45,24 @@ class OpenVinoNets:
                 example_input=torch.zeros(examples[name]),
                 input=[ov.PartialShape(shapes[name])],
             )
+            model = _pixels_in(model)
             self._requests[name] = core.compile_model(model, "CPU", config).create_infer_request()
 
-    def run(self, name: str, x: np.ndarray) -> list[np.ndarray]:
+    def run(self, name: str, pixels: np.ndarray) -> list[np.ndarray]:
+        """Runs a net on uint8 NHWC RGB pixels; each output as float32 numpy."""
         request = self._requests[name]
-        result = request.infer([np.ascontiguousarray(x, dtype=np.float32)])
+        result = request.infer([np.ascontiguousarray(pixels, dtype=np.uint8)])
         return [np.array(result[i], dtype=np.float32) for i in range(len(result))]
+
+
+def _pixels_in(model: Any) -> Any:
+    """The net fed uint8 NHWC pixels, normalised in the graph as MTCNN does:
+    (x - 127.5) / 128 in f32 (exact for whole pixels, as torch's (x - 127.5) * 0.0078125)."""
+    from openvino import Layout, Type
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    ppp.input().tensor().set_element_type(Type.u8).set_layout(Layout("NHWC"))
+    ppp.input().model().set_layout(Layout("NCHW"))
+    ppp.input().preprocess().convert_element_type(Type.f32).mean(127.5).scale(128.0)
+    return ppp.build()
