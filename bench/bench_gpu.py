@@ -8,6 +8,11 @@ Prints "skipped: no CUDA device" (exit 0) without CUDA.
 
 Usage: python bench/bench_gpu.py [--arch ir_50] [--seconds 10] [--workers 1 2 4 8]
        [--gallery-sizes 1000000 10000000] [--gallery-only]
+
+One server is started per (precision, workers) and serves the three kinds of calls in turn.
+On a device lent for a few minutes: `--workers 1 4 --seconds 5` (four server starts; an
+estimated 5-6 minutes, not yet measured), and the gallery rows as a second command
+(`--gallery-only`).
 """
 
 from __future__ import annotations
@@ -61,8 +66,13 @@ def _client_process(args: tuple[str, int, int, float, bool]) -> float:
     ).images_per_s
 
 
-def served(repo: Path, name: str, workers: int, per_call: int, clients: int, seconds: float,
-           precision: str, photos: bool = False) -> float:  # fmt: skip
+#: (images per call, concurrent clients, raw photos with detection) for each served column.
+CALLS = {"big": (32, 32, False), "single": (1, 256, False), "photos": (8, 32, True)}
+
+
+def served(repo: Path, name: str, workers: int, seconds: float,
+           precision: str) -> dict[str, float]:  # fmt: skip
+    """img/s of each CALLS kind against one server (started once for all three)."""
     import subprocess
 
     from bench_server import free_port, wait_serving
@@ -82,13 +92,14 @@ def served(repo: Path, name: str, workers: int, per_call: int, clients: int, sec
     )  # fmt: skip
     address = f"127.0.0.1:{port}"
     try:
-        wait_serving(address, timeout=900)
-        share = max(1, clients // CLIENT_PROCESSES)
+        wait_serving(address, timeout=300, process=server)
+        rates = {}
         with multiprocessing.get_context("spawn").Pool(CLIENT_PROCESSES) as pool:
-            rates = pool.map(
-                _client_process, [(address, share, per_call, seconds, photos)] * CLIENT_PROCESSES
-            )
-        return sum(rates)
+            for kind, (per_call, clients, photos) in CALLS.items():
+                share = max(1, clients // CLIENT_PROCESSES)
+                work = [(address, share, per_call, seconds, photos)] * CLIENT_PROCESSES
+                rates[kind] = sum(pool.map(_client_process, work))
+        return rates
     finally:
         server.terminate()
         server.wait(120)
@@ -150,16 +161,15 @@ def gallery_search_rows(device, sizes: list[int], searches: int) -> list[str]:
 
 
 def _same_as_brute_force(index, probe, device) -> bool:
-    """The index's top-10 identities equal an fp32 scan of every stored vector."""
+    """The index's top-10 identities equal an fp32 scan of every stored vector (read from
+    the device copy, which holds the host's fp16 values: nothing is uploaded again)."""
     import torch
 
-    samples = index.snapshot.samples
+    snap = index.snapshot
+    samples, stored = snap.samples, snap.device_samples.matrix  # the same fp16 values
     p = torch.from_numpy(probe).to(device)
     scores = torch.cat(
-        [
-            torch.from_numpy(samples.matrix[s : s + GALLERY_BLOCK]).to(device).float() @ p
-            for s in range(0, samples.n, GALLERY_BLOCK)
-        ]
+        [stored[s : s + GALLERY_BLOCK].float() @ p for s in range(0, samples.n, GALLERY_BLOCK)]
     )
     rows = torch.topk(scores, GALLERY_K).indices.cpu().numpy()
     hits, _ = index.search(probe[None], GALLERY_K, None)
@@ -199,7 +209,7 @@ def main() -> int:
         fp16 = raw_rate(module, device, "fp16", args.seconds)
         print(f"\n## Raw TorchScript, batch {RAW_BATCH} ({args.arch})\n")
         print("| precision | img/s |\n|---|---:|")
-        print(f"| fp32 (TF32 off) | {fp32:.0f} |\n| fp16 (autocast) | {fp16:.0f} |")
+        print(f"| fp32 (TF32 off) | {fp32:.0f} |\n| fp16 (autocast) | {fp16:.0f} |", flush=True)
         print("\n## Served (aligned 112x112 JPEG crops)\n")
         print(
             "| workers | precision | 32-image calls img/s | / raw | single-image calls img/s "
@@ -208,9 +218,8 @@ def main() -> int:
         print("|---:|---|---:|---:|---:|---:|---:|")
         for precision, raw in (("fp32", fp32), ("fp16", fp16)):
             for workers in args.workers:
-                big = served(repo, name, workers, 32, 32, args.seconds, precision)
-                single = served(repo, name, workers, 1, 256, args.seconds, precision)
-                found = served(repo, name, workers, 8, 32, args.seconds, precision, photos=True)
+                rates = served(repo, name, workers, args.seconds, precision)
+                big, single, found = rates["big"], rates["single"], rates["photos"]
                 print(
                     f"| {workers} | {precision} | {big:.0f} | {big / raw:.2f} | {single:.0f} "
                     f"| {found:.0f} | {found / big:.2f} |",

@@ -201,7 +201,7 @@ def served(
     server = start_server(repo, name, port, batch, *flags)
     address = f"127.0.0.1:{port}"
     try:
-        wait_serving(address, timeout=600)
+        wait_serving(address, timeout=600, process=server)
         crops = asyncio.run(drive(address, 4, 8, seconds, jpeg_crops(64))).images_per_s
         if photos:
             detect = common_pb2.ALIGNMENT_DETECT

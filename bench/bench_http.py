@@ -112,7 +112,7 @@ def main() -> int:
         command += ["--threads", str(args.threads)]
         server = subprocess.Popen(command, env=env)
         try:
-            wait_serving(f"127.0.0.1:{port}")
+            wait_serving(f"127.0.0.1:{port}", process=server)
             times = asyncio.run(
                 measure(f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}", args.rounds)
             )

@@ -55,11 +55,20 @@ def jpeg_crops(n: int) -> list[bytes]:
     return out
 
 
-def wait_serving(address: str, timeout: float = 300.0) -> None:
+def wait_serving(
+    address: str, timeout: float = 300.0, process: subprocess.Popen | None = None
+) -> None:
+    """Waits for the server's health to say SERVING; with `process`, fails as soon as the
+    server process has exited (a refused start-up) instead of waiting out the timeout."""
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(
+                    f"the server for {address} exited with status {process.returncode} "
+                    "before serving (its log above says why)"
+                )
             try:
                 status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
@@ -178,7 +187,7 @@ def run(
         )
         address = f"127.0.0.1:{port}"
         try:
-            wait_serving(address)
+            wait_serving(address, process=server)
             crops = jpeg_crops(64)
             rows = []
             for clients, per_call in ((1, 1), (8, 1), (32, 1), (4, 8), (4, 32)):

@@ -56,7 +56,7 @@ def start_server(repo: Path, name: str, threads: int, batch: int, *extra: str):
     process = subprocess.Popen(command, env=env)
     address = f"127.0.0.1:{port}"
     try:
-        wait_serving(address)
+        wait_serving(address, process=process)
     except BaseException:
         process.terminate()
         process.wait(30)

@@ -1,4 +1,5 @@
-"""bench/bench_gpu.py imports cleanly and, without CUDA, says it skipped."""
+"""bench/bench_gpu.py imports cleanly and, without CUDA, says it skipped; the benchmarks' wait
+for a server gives up when the server process has exited."""
 
 from __future__ import annotations
 
@@ -26,3 +27,14 @@ def test_bench_gpu_parses_its_options():
         [sys.executable, str(BENCH), "--help"], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and "--workers" in result.stdout
+
+
+def test_waiting_for_a_server_that_exited_fails_at_once():
+    """A refused start-up ends the wait (with its status) instead of the whole timeout."""
+    sys.path.insert(0, str(BENCH.parent))
+    from bench_server import free_port, wait_serving
+
+    process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    process.wait(60)
+    with pytest.raises(RuntimeError, match="exited with status 3 before serving"):
+        wait_serving(f"127.0.0.1:{free_port()}", timeout=600, process=process)
