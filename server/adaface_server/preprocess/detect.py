@@ -29,6 +29,10 @@ _BILINEAR = Image.Resampling.BILINEAR
 # Crops per R-Net / O-Net call on CPU: 256 ran at 61 us per R-Net crop, against 80 at the
 # ~170 crops of one noisy 640x480 photo and 108 at 32 (2-core Xeon, bench/bench_detect.py).
 CPU_SLICE = 256
+# CUDA's antialiased bilinear kernel holds the filter in shared memory, which it refuses past
+# a downscale factor of ~94 (a 1250x1250 photo's smallest levels at --detect-max-side 1250):
+# levels shrunk more than this are resized on the CPU (uint8) and copied over.
+_DEVICE_AA_MAX_FACTOR = 64
 # Boxes whose pairwise overlaps nms() settles at once: 64 ran 4x faster than one numpy pass
 # per kept box at 80-600 candidates, 128 and 256 no faster, 512 slower past 600.
 NMS_BLOCK = 64
@@ -335,12 +339,18 @@ class MTCNN:
             image = image.copy()  # torch.from_numpy warns about read-only arrays
         pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
         pixels = pixels.permute(2, 0, 1)[None]  # channels-last NCHW view
+        on_cpu = pixels
         if self.device.type != "cpu":
             pixels = pixels.float()  # antialiased uint8 resizing is a CPU kernel
+            on_cpu = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+        height0, width0 = image.shape[:2]
         for width, height in sizes:
+            source = pixels
+            if max(height0 / height, width0 / width) > _DEVICE_AA_MAX_FACTOR:
+                source = on_cpu  # see _DEVICE_AA_MAX_FACTOR
             level = torch.nn.functional.interpolate(
-                pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False
-            )
+                source, size=(height, width), mode="bilinear", antialias=True, align_corners=False
+            ).to(self.device)
             if level.dtype != torch.uint8:
                 level = level.round_().clamp_(0, 255)  # the uint8 pixels PIL would produce
             yield level
