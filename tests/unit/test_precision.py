@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -37,6 +39,31 @@ def test_explicit_reduced_precision_must_pass_the_gate():
     assert choose("bf16", [FP32, Trial("bf16", 0.9999, 3e-3, 0.2)]) == "bf16"
     with pytest.raises(PrecisionError, match=r"bf16 failed the parity gate: min cosine"):
         choose("bf16", [FP32, Trial("bf16", 0.99, 3e-3, 0.05)])
+
+
+def test_gate_times_on_the_timing_batch_and_compares_on_the_verification_batch():
+    """On CUDA `auto` times full batches (launch-bound batches of 8 would hide the gain):
+    parity still comes from the verification batch, the speed from the timing batch."""
+    seen: dict[str, set[int]] = {"fp32": set(), "fp16": set()}
+
+    def runner(name: str, seconds_per_row: float):
+        def run(batch: np.ndarray):
+            seen[name].add(len(batch))
+            if len(batch) == 64:
+                time.sleep(seconds_per_row * 64)
+            rows = 1 + np.eye(len(batch), 4, dtype=np.float32) + (0.0 if name == "fp32" else 1e-4)
+            rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+            return rows, np.ones((len(batch), 1), np.float32)
+
+        return run
+
+    runners = {"fp32": runner("fp32", 2e-4), "fp16": runner("fp16", 5e-5)}
+    batch, timing = np.zeros((8, 1)), np.zeros((64, 1))
+    chosen, trials = precision.gate(runners, "auto", batch, "cuda:0", 1, timing)
+    assert chosen == "fp16" and seen == {"fp32": {8, 64}, "fp16": {8, 64}}
+    assert trials[1].min_cosine > 0.9999 and trials[1].seconds_per_batch < 0.5 * (
+        trials[0].seconds_per_batch
+    )
 
 
 def test_parity_measures_cosine_and_relative_norm_error():

@@ -33,6 +33,8 @@ GATE_MIN_COSINE = 0.9995
 #: `auto` takes a reduced precision only when it is clearly faster than fp32 at load.
 AUTO_MIN_SPEEDUP = 1.1
 VERIFICATION_BATCH = 8
+#: Batch on which `auto` times the precisions on CUDA (capped by the model's max batch).
+CUDA_TIMING_BATCH = 64
 TIMED_CALLS = 3
 
 
@@ -312,11 +314,16 @@ def select_runner(
     else:
         candidates = [requested]
     batch = verification_inputs(min(VERIFICATION_BATCH, max_batch_size), input_dtype)
+    timing = None
+    if device.type == "cuda":
+        # At batch 8 a GPU mostly waits on kernel launches, whatever the precision: time
+        # the choice where the batcher's full batches run.
+        timing = verification_inputs(min(CUDA_TIMING_BATCH, max_batch_size), input_dtype)
     runners = {
         p: ModelRunner(module, device, p, max_batch_size, input_dtype)
         for p in ["fp32", *candidates]
     }
-    chosen, trials = gate(runners, requested, batch, str(device), warm_calls)
+    chosen, trials = gate(runners, requested, batch, str(device), warm_calls, timing)
     return Selection(runners[chosen], trials)
 
 
@@ -326,18 +333,24 @@ def gate(
     batch: np.ndarray,
     where: str,
     warm_calls: int = 2,
+    timing: np.ndarray | None = None,
 ) -> tuple[str, tuple[Trial, ...]]:
     """(precision to serve, trials): every runner (keyed by precision, "fp32" first: the
-    reference) is warmed, timed when there is a choice to make, and compared with fp32 on
-    batch; `choose` then applies the rule. Shared by every runtime (TorchScript, OpenVINO),
-    so one gate and one rule decide what serves. `where` names the device in the log."""
+    reference) is warmed, timed when there is a choice to make (on `timing` when given, else
+    on batch), and compared with fp32 on batch; `choose` then applies the rule. Shared by
+    every runtime (TorchScript, OpenVINO), so one gate and one rule decide what serves.
+    `where` names the device in the log."""
     reference = None
     trials = []
     timed = len(runners) > 1
+    timing = batch if timing is None else timing
     for precision, runner in runners.items():
         for _ in range(warm_calls):
             out = runner(batch)
-        seconds = _time(runner, batch) if timed else 0.0
+        if timed and timing is not batch:
+            for _ in range(warm_calls):
+                runner(timing)
+        seconds = _time(runner, timing) if timed else 0.0
         reference = reference or out
         cos, rel = parity(reference, out)
         trials.append(Trial(precision, cos, rel, seconds))
@@ -353,7 +366,7 @@ def gate(
             "pass" if trial.passed else "FAIL",
             trial.max_rel_norm_error,
             trial.seconds_per_batch * 1e3,
-            batch.shape[0],
+            timing.shape[0],
             trials[0].seconds_per_batch * 1e3,
         )
     if requested == "auto":
