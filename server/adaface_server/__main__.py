@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     logs.configure(settings.log_level, settings.log_format)
     try:
-        workers = resolve_workers(settings.workers)
+        workers = resolve_workers(settings.workers, device=settings.device)
         if workers > 1:
             return run_workers(settings, argv, workers)
         asyncio.run(run(settings))

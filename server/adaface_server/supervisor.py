@@ -59,12 +59,16 @@ GPU_AUTO_WORKERS = 4
 GPU_CORES_PER_WORKER = 4
 
 
-def resolve_workers(setting: str, cores: int | None = None, cuda: bool | None = None) -> int:
+def resolve_workers(
+    setting: str, cores: int | None = None, cuda: bool | None = None, device: str = "auto"
+) -> int:
     """--workers N or auto: one per 8 cores on CPU (at least 1, at most 8), up to 4 with CUDA
-    (4 cores each)."""
+    (4 cores each); a model kept on the CPU (--device cpu) takes the CPU rule on a GPU host."""
     if setting != "auto":
         return int(setting)
     cores = cores or len(os.sched_getaffinity(0))
+    if device == "cpu":
+        cuda = False
     if cuda is None:
         try:
             import torch

@@ -98,6 +98,9 @@ def server_settings(repository: Path, model: str, **overrides: object) -> Settin
         # need exact fp32; the server's default (auto) may pick bf16 on a bf16-capable CPU.
         # Tests of reduced precision override this.
         precision="fp32",
+        # Detection references (upstream landmarks, CPU goldens) are fp32 on the CPU; on a
+        # GPU host `auto` would run MTCNN in fp16 on CUDA. CUDA detection has its own tests.
+        detect_device="cpu",
     )
     return base.replace(**overrides)
 

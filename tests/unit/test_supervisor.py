@@ -20,6 +20,9 @@ def test_auto_is_one_process_per_8_cores_on_cpu_and_up_to_four_with_cuda():
     assert resolve_workers("auto", cores=16, cuda=True) == 4
     assert resolve_workers("auto", cores=8, cuda=True) == 2
     assert resolve_workers("auto", cores=2, cuda=True) == 1
+    # --device cpu on a GPU host: the model runs on the CPU, so the CPU rule
+    assert resolve_workers("auto", cores=16, cuda=True, device="cpu") == 2
+    assert resolve_workers("auto", cores=16, cuda=True, device="cuda:1") == 4
 
 
 def test_worker_settings_are_validated(capsys):

@@ -103,6 +103,9 @@ class DeviceMirror:
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self._state: DeviceRows | None = None
+        if self.device.type == "cuda":
+            # FP16_ERROR assumes fp32 accumulation: no fp16-rounded split-K partial sums.
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 
     def sync(self, rows: Rows) -> DeviceRows:
         state = self._state
