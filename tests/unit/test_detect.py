@@ -276,18 +276,24 @@ def test_cuda_pyramid_shrinks_a_large_photo_past_the_kernels_limit() -> None:
     assert np.abs(face.landmarks - ref.landmarks).max() < 2.0
 
 
-def test_openvino_detector_finds_the_same_faces(detector: MTCNN) -> None:
-    """The nets compiled by OpenVINO (fp32) against torch's: same faces, same landmarks."""
-    ov = MTCNN(WEIGHTS, runtime="openvino", threads=2)
+def assert_same_faces(reference: MTCNN, other: MTCNN, landmark_px: float, score: float) -> None:
+    """Both detectors find the same faces in PHOTOS (one detect_many call each), landmarks
+    within landmark_px and scores within score."""
     images = [make() for make in PHOTOS.values()]
     params = [DetectParams()] * len(images)
     for ref, faces in zip(
-        detector.detect_many(images, params), ov.detect_many(images, params), strict=True
+        reference.detect_many(images, params), other.detect_many(images, params), strict=True
     ):
         assert len(faces) == len(ref)
         for a, b in zip(ref, faces, strict=True):
-            assert np.abs(a.landmarks - b.landmarks).max() < 1e-2
-            assert a.score == pytest.approx(b.score, abs=1e-4)
+            assert np.abs(a.landmarks - b.landmarks).max() < landmark_px
+            assert a.score == pytest.approx(b.score, abs=score)
+
+
+def test_openvino_detector_finds_the_same_faces(detector: MTCNN) -> None:
+    """The nets compiled by OpenVINO (fp32) against torch's: same faces, same landmarks."""
+    ov = MTCNN(WEIGHTS, runtime="openvino", threads=2)
+    assert_same_faces(detector, ov, landmark_px=1e-2, score=1e-4)
     # The parity option runs torch's nets in fp32 and PIL's pyramid on any runtime.
     upstream = DetectParams(upstream_softmax=True)
     (face,) = ov.detect(skimage.data.astronaut(), upstream)
@@ -300,15 +306,7 @@ def test_openvino_bf16_detector_stays_within_a_pixel(detector: MTCNN) -> None:
     """OpenVINO's bf16 nets (keeping its own f32 layers) move landmarks well under a pixel
     (0.6 px at most on bench_server's photos), where torch's bf16 allows 3."""
     ov = MTCNN(WEIGHTS, runtime="openvino", precision="bf16", threads=2)
-    images = [make() for make in PHOTOS.values()]
-    params = [DetectParams()] * len(images)
-    for ref, faces in zip(
-        detector.detect_many(images, params), ov.detect_many(images, params), strict=True
-    ):
-        assert len(faces) == len(ref)
-        for a, b in zip(ref, faces, strict=True):
-            assert np.abs(a.landmarks - b.landmarks).max() < 1.0
-            assert a.score == pytest.approx(b.score, abs=1e-3)
+    assert_same_faces(detector, ov, landmark_px=1.0, score=1e-3)
 
 
 def test_openvino_detector_runs_torch_single_threaded_on_its_own_thread() -> None:
