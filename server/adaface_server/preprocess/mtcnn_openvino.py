@@ -38,6 +38,7 @@ class OpenVinoNets:
             config["INFERENCE_NUM_THREADS"] = threads
         shapes = {"pnet": [1, 3, -1, -1], "rnet": [-1, 3, 24, 24], "onet": [-1, 3, 48, 48]}
         examples = {"pnet": (1, 3, 48, 48), "rnet": (2, 3, 24, 24), "onet": (2, 3, 48, 48)}
+        self._tensor = ov.Tensor
         self._requests = {}
         for name, net in zip(("pnet", "rnet", "onet"), nets, strict=True):
             model = ov.convert_model(
@@ -49,10 +50,17 @@ class OpenVinoNets:
             self._requests[name] = core.compile_model(model, "CPU", config).create_infer_request()
 
     def run(self, name: str, pixels: np.ndarray) -> list[np.ndarray]:
-        """Runs a net on uint8 NHWC RGB pixels; each output as float32 numpy."""
+        """Runs a net on uint8 NHWC RGB pixels; each output as float32 numpy (a copy).
+
+        The input is shared with OpenVINO and the outputs read from the request's own
+        tensors: ~75 us a call against ~127 for `infer([array])`'s generic dispatch (a
+        photo makes ~20 P-Net calls)."""
         request = self._requests[name]
-        result = request.infer([np.ascontiguousarray(pixels, dtype=np.uint8)])
-        return [np.array(result[i], dtype=np.float32) for i in range(len(result))]
+        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+        request.set_input_tensor(self._tensor(pixels, shared_memory=True))
+        request.infer()
+        outputs = len(request.model_outputs)
+        return [request.get_output_tensor(i).data.astype(np.float32) for i in range(outputs)]
 
 
 def _pixels_in(model: Any) -> Any:
