@@ -19,7 +19,7 @@ MTCNN_WEIGHTS ?= .cache/mtcnn
 SERVE_ARGS ?= --max-batch-size 8
 
 .PHONY: venv browser export serve test test-fast bench soak proto proto-check lint format clean \
-	postgres-server test-containers
+	postgres-server test-containers gpu-wheels
 
 venv: $(VENV)/.installed
 
@@ -81,6 +81,22 @@ test-containers: venv
 
 bench: venv
 	$(PY) bench/run.py
+
+# Wheels of our runtime dependencies that the lent GPU machine's image (Python 3.12) lacks or
+# has in other versions, for bench/gpu_device_run.sh there (carry .whl and .cache/mtcnn).
+GPU_WHEELS = grpcio grpcio-health-checking grpcio-reflection protobuf tritonclient \
+	python-rapidjson simplejpeg psycopg psycopg-binary psycopg-pool
+
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	for pkg in $(GPU_WHEELS); do \
+		version=$$(grep -i "^$$pkg==" constraints.txt | cut -d= -f3); \
+		python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+			--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+			--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+			-d .whl "$$pkg$${version:+==$$version}" || exit 1; \
+	done
+	du -sh .whl
 
 # Load + fault soak (~3-5 min) printing a summary table; the disk-full phase mounts a tmpfs
 # (root only, otherwise reported as skipped). e.g. make soak SOAK_ARGS="--duration 60 --out soak.md"
