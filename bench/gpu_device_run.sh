@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one command, for a machine lent for a few minutes (one H200 here):
 # the CUDA-marked tests, then bench/bench_gpu.py (served rows at 1 and 4 workers, and the
-# gallery rows), everything logged to $OUT/gpu.log as it runs.
+# gallery rows), everything logged to $OUT/gpu.log as it runs. The steps' timeouts add up to
+# 530 s, inside a 600 s device command (run it with timeout_s=600).
 #
 # On this side first:   make gpu-wheels   (the wheels the GPU image lacks, into .whl/)
 # Then on the GPU:      bash bench/gpu_device_run.sh   with .whl and .cache/mtcnn carried.
@@ -31,14 +32,14 @@ export PYTHONPATH="server:client:protos$SITE"
 } | tee -a "$LOG"
 
 say "CUDA-marked tests"
-timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda -rs \
+timeout 100 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda -rs \
     tests/unit/test_detect.py tests/unit/test_precision.py tests/unit/test_gallery_device_search.py \
     2>&1 | tee -a "$LOG"
 
 say "bench_gpu.py: raw and served (1 and 4 workers, 5 s a kind)"
-timeout 300 "$PYTHON" bench/bench_gpu.py --workers 1 4 --seconds 5 --gallery-sizes 1000000 \
+timeout 280 "$PYTHON" bench/bench_gpu.py --workers 1 4 --seconds 5 --gallery-sizes 1000000 \
     2>&1 | tee -a "$LOG"
 
 say "bench_gpu.py: gallery search at 1M and 10M"
-timeout 200 "$PYTHON" bench/bench_gpu.py --gallery-only 2>&1 | tee -a "$LOG"
+timeout 150 "$PYTHON" bench/bench_gpu.py --gallery-only 2>&1 | tee -a "$LOG"
 say "done"
