@@ -7,7 +7,7 @@ search on the GPU (`--gallery-device cuda`: top-10 p50 for one probe over 1M and
 Prints "skipped: no CUDA device" (exit 0) without CUDA.
 
 Usage: python bench/bench_gpu.py [--arch ir_50] [--seconds 10] [--workers 1 2 4 8]
-       [--gallery-sizes 1000000 10000000] [--gallery-only]
+       [--gallery-sizes 1000000 10000000] [--gallery-only | --no-gallery]
 
 One server is started per (precision, workers) and serves the three kinds of calls in turn.
 On a device lent for a few minutes: `--workers 1 4 --seconds 5` (four server starts; an
@@ -186,6 +186,7 @@ def main() -> int:
     parser.add_argument("--gallery-sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--gallery-searches", type=int, default=200)
     parser.add_argument("--gallery-only", action="store_true", help="only the gallery search rows")
+    parser.add_argument("--no-gallery", action="store_true", help="no gallery search rows")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("skipped: no CUDA device")
@@ -225,7 +226,8 @@ def main() -> int:
                     f"| {found:.0f} | {found / big:.2f} |",
                     flush=True,
                 )
-    print_gallery(device, args)
+    if not args.no_gallery:
+        print_gallery(device, args)
     return 0
 
 
