@@ -92,6 +92,7 @@ class App:
         self.metrics.live.in_flight = lambda: self._traffic()[1]
         self.metrics.live.queue_depth = lambda: self.embedding.queued_rows
         self.metrics.live.gallery_sizes = self.gallery.sizes
+        self.metrics.live.gallery_memory = self.gallery.memory
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self.server)
         self.port = 0

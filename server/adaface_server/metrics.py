@@ -29,6 +29,10 @@ _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 GallerySizes = Callable[[], Iterable[tuple[str, int, int]]]  # (gallery, identities, samples)
+GalleryMemory = Callable[[], Iterable[tuple[str, int, int]]]  # (gallery, host, device bytes)
+#: adaface_gallery_index_bytes: what an index holds in host memory and on its search device
+#: (--gallery-device); with --workers N each worker holds its own copy, so workers add up.
+INDEX_BYTES = ("adaface_gallery_index_bytes", "Bytes a gallery index holds, by memory")
 #: Given the request's `Authorization` header (None when absent), whether it may scrape.
 ScrapeCheck = Callable[[str | None], bool]
 
@@ -40,6 +44,7 @@ class _Live(Collector):
         self.in_flight: Callable[[], int] = lambda: 0
         self.queue_depth: Callable[[], int] = lambda: 0
         self.gallery_sizes: GallerySizes = lambda: ()
+        self.gallery_memory: GalleryMemory = lambda: ()
         self.gallery_labels = gallery_labels
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -51,6 +56,7 @@ class _Live(Collector):
         )
         queue.add_metric([], self.queue_depth())
         yield queue
+        memory = list(self.gallery_memory())
         if not self.gallery_labels:
             # Gallery names can be confidential: totals over every gallery instead.
             sizes = list(self.gallery_sizes())
@@ -61,6 +67,10 @@ class _Live(Collector):
                 family = GaugeMetricFamily(metric, f"{what} enrolled in all galleries")
                 family.add_metric([], total)
                 yield family
+            family = GaugeMetricFamily(*INDEX_BYTES, labels=["memory"])
+            family.add_metric(["host"], sum(m[1] for m in memory))
+            family.add_metric(["device"], sum(m[2] for m in memory))
+            yield family
             return
         identities = GaugeMetricFamily(
             "adaface_gallery_identities", "Identities enrolled per gallery", labels=["gallery"]
@@ -73,6 +83,11 @@ class _Live(Collector):
             samples.add_metric([name], n_samples)
         yield identities
         yield samples
+        family = GaugeMetricFamily(*INDEX_BYTES, labels=["gallery", "memory"])
+        for name, host, device in memory:
+            family.add_metric([name, "host"], host)
+            family.add_metric([name, "device"], device)
+        yield family
 
 
 class Metrics:

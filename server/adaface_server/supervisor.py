@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .config import Settings
 from .errors import StartupError
-from .metrics import serve_registry
+from .metrics import INDEX_BYTES, serve_registry
 from .security import bearer_allowed, load_tokens
 
 log = logging.getLogger("adaface_server.supervisor")
@@ -136,17 +136,27 @@ async def publish_live_gauges(live, seconds: float = LIVE_PUBLISH_SECONDS) -> No
         "adaface_gallery_samples", "Samples enrolled per gallery", labels,
         registry=None, multiprocess_mode="livemax",
     )  # fmt: skip
+    # Each worker holds its own copy of every index: the server's memory is their sum.
+    index_bytes = Gauge(
+        *INDEX_BYTES, [*labels, "memory"], registry=None, multiprocess_mode="livesum"
+    )
     while True:
         in_flight.set(live.in_flight())
         queue.set(live.queue_depth())
         sizes = list(live.gallery_sizes())
+        memory = list(live.gallery_memory())
         if labels:
             for name, n_identities, n_samples in sizes:
                 identities.labels(name).set(n_identities)
                 samples.labels(name).set(n_samples)
+            for name, host, device in memory:
+                index_bytes.labels(name, "host").set(host)
+                index_bytes.labels(name, "device").set(device)
         else:
             identities.set(sum(s[1] for s in sizes))
             samples.set(sum(s[2] for s in sizes))
+            index_bytes.labels("host").set(sum(m[1] for m in memory))
+            index_bytes.labels("device").set(sum(m[2] for m in memory))
         await asyncio.sleep(seconds)
 
 

@@ -338,6 +338,12 @@ def test_metrics_count_requests_images_batches_and_galleries(limited):
     assert delta("adaface_inference_duration_seconds_count") >= 2
     assert sample_value(after, "adaface_gallery_identities", gallery="metrics") == 2
     assert sample_value(after, "adaface_gallery_samples", gallery="metrics") == 4
+    # 4 samples x 512 float32, their labels and keys at least; no search device
+    assert sample_value(after, "adaface_gallery_index_bytes", gallery="metrics", memory="host") >= (
+        4 * 512 * 4
+    )
+    device = 'adaface_gallery_index_bytes{gallery="metrics",memory="device"} 0.0'
+    assert device in after.splitlines()
     assert "adaface_queue_depth 0.0" in after
     assert sample_value(after, "adaface_requests_in_flight") == 0
 

@@ -82,3 +82,7 @@ def test_gallery_names_can_be_kept_out_of_metrics(private):
     assert SECRET not in body
     assert "adaface_gallery_identities 1.0" in body.splitlines()
     assert "adaface_gallery_samples 1.0" in body.splitlines()
+    assert 'adaface_gallery_index_bytes{memory="device"} 0.0' in body.splitlines()
+    host = [line for line in body.splitlines() if line.startswith(
+        'adaface_gallery_index_bytes{memory="host"} ')]  # fmt: skip
+    assert len(host) == 1 and float(host[0].split()[1]) >= 512 * 4

@@ -260,14 +260,27 @@ def test_workers_share_galleries_the_http_port_and_a_guarded_metrics_port(
             urllib.request.urlopen(url, timeout=10)
         assert refused.value.code == 401
         scrape = urllib.request.Request(url, headers={"Authorization": "Bearer worker-test-token"})
-        wanted = 'adaface_gallery_identities{gallery="workers"} 30.0'
+        # Each worker holds its own copy of the index (30 rows in a 1,024-row buffer on
+        # both): the host bytes add up to twice what one worker reports.
+        index_bytes = 'adaface_gallery_index_bytes{gallery="workers",memory="%s"}'
+        wanted = {
+            'adaface_gallery_identities{gallery="workers"}': 30.0,
+            index_bytes % "host": 2.0 * listed.index_bytes,
+            index_bytes % "device": 0.0,
+        }
         deadline = time.monotonic() + 30  # workers republish their gauges every second
         while True:
             text = urllib.request.urlopen(scrape, timeout=10).read().decode()
-            if wanted in text or time.monotonic() > deadline:
+            samples = dict(
+                (key, float(value))
+                for key, _, value in (line.rpartition(" ") for line in text.splitlines())
+                if key in wanted
+            )
+            if samples == wanted or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        assert wanted in text, text
+        assert listed.index_bytes > 0
+        assert samples == wanted, text
     finally:
         group.stop()
 

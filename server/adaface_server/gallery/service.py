@@ -144,6 +144,14 @@ class GalleryService:
         """(gallery, identities, samples) for each gallery; safe to call from any thread."""
         return [(name, g.identities, g.samples) for name, g in list(self._galleries.items())]
 
+    def memory(self) -> list[tuple[str, int, int]]:
+        """(gallery, host bytes, search-device bytes) of each gallery's index; safe to call
+        from any thread."""
+        return [
+            (name, g.index.stats().nbytes, g.index.device_bytes())
+            for name, g in list(self._galleries.items())
+        ]
+
     # -- helpers -------------------------------------------------------------------------
 
     def _check_open(self) -> None:
