@@ -10,9 +10,9 @@ Usage: python bench/bench_gpu.py [--arch ir_50] [--seconds 10] [--workers 1 2 4 
        [--gallery-sizes 1000000 10000000] [--gallery-only | --no-gallery]
 
 One server is started per (precision, workers) and serves the three kinds of calls in turn.
-On a device lent for a few minutes: `--workers 1 4 --seconds 5` (four server starts; an
-estimated 5-6 minutes, not yet measured), and the gallery rows as a second command
-(`--gallery-only`).
+On a device lent for a few minutes: `--workers 1 4 --seconds 5 --no-gallery` (four server
+starts; an estimated 5-6 minutes, not yet measured), and the gallery rows as a second command
+(`--gallery-only`); bench/gpu_device_run.sh runs both.
 """
 
 from __future__ import annotations

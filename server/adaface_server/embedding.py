@@ -422,8 +422,6 @@ def _checkpoint_weights(meta: dict) -> str:
 
 def _load_detector(settings: Settings) -> MTCNN:
     """MTCNN where --detect-device, --detect-precision and --detect-runtime place it."""
-    import torch
-
     from .backends.precision import PrecisionError, detector_placement, exact_fp32_on_cuda
 
     try:
@@ -437,7 +435,7 @@ def _load_detector(settings: Settings) -> MTCNN:
         raise StartupError(str(exc)) from None
     # fp32 nets (and the parity option) on CUDA mean fp32, not TF32, even when the model
     # itself is elsewhere (--device cpu --detect-device cuda).
-    exact_fp32_on_cuda(torch.device(place.device))
+    exact_fp32_on_cuda(place.device)
     detector = MTCNN(
         settings.mtcnn_weights,
         settings.detect_max_side,

@@ -335,14 +335,11 @@ class MTCNN:
             for size in sizes:
                 yield _nchw_view(np.asarray(pil.resize(size, _BILINEAR))[None]).to(self.device)
             return
-        if not image.flags.writeable:
-            image = image.copy()  # torch.from_numpy warns about read-only arrays
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-        pixels = pixels.permute(2, 0, 1)[None]  # channels-last NCHW view
-        on_cpu = pixels
+        on_cpu = _nchw_view(image[None])
+        pixels = on_cpu
         if self.device.type != "cpu":
-            pixels = pixels.float()  # antialiased uint8 resizing is a CPU kernel
-            on_cpu = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+            # antialiased uint8 resizing is a CPU kernel
+            pixels = on_cpu.to(self.device).float()
         height0, width0 = image.shape[:2]
         for width, height in sizes:
             source = pixels
@@ -411,7 +408,7 @@ def single_threaded_torch() -> ThreadPoolExecutor:
     With MTCNN's nets compiled by OpenVINO, the torch work left between their calls (the
     pyramid's resizing, normalisation) ran on torch's OpenMP pool, whose threads spin
     between parallel regions on the cores OpenVINO's own threads want: a 640x480 photo took
-    58 ms with 2 torch threads, 44 ms with 1 (fp32 nets, 2-core Xeon; 47.5 / 41 in bf16).
+    55-59 ms with 2 torch threads, 48-51 ms on this thread (fp32 nets, 2-core Xeon).
     torch.set_num_threads sets the calling thread's OpenMP thread count and the default
     that threads new to torch pick up; the default is read and put back from fresh threads,
     so only this thread runs single-threaded."""
