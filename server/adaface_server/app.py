@@ -39,6 +39,8 @@ from .supervisor import WorkerReadiness, publish_live_gauges
 log = logging.getLogger(__name__)
 
 HEALTH_POLL_SECONDS = 0.2
+#: On stop, how long the server looks for a late call once the last one has finished.
+STOP_SETTLE_SECONDS = 0.05
 MEMORY_TRIM_SECONDS = 2.0  # idle this long (2-4 s) after traffic, and the heap is trimmed
 
 SERVICE_NAMES = (
@@ -230,8 +232,15 @@ class App:
             await self.health.set(name, status)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stops taking new RPCs, lets in-flight ones finish within `grace`, then closes."""
+        """Stops taking new RPCs, lets in-flight ones finish within `grace`, then closes.
+
+        New calls are refused by the interceptor (UNAVAILABLE, body unread) and gRPC's own
+        stop comes only once ours are done: a call arriving while grpc.aio shuts down can be
+        left unanswered until its deadline (seen on a loaded 2-core machine while streams
+        were still in flight), whereas a refusal is immediate and says why."""
         grace = self.settings.grace_seconds if grace is None else grace
+        deadline = asyncio.get_running_loop().time() + grace
+        self.calls.refuse_new_calls()
         self._workers.leave()
         await self.health.enter_graceful_shutdown()
         if self._loader is not None:
@@ -242,13 +251,28 @@ class App:
             await self.http.stop()
         if self._publisher is not None:
             self._publisher.cancel()
-        await self.server.stop(grace)
+        if not await self._drain(deadline):
+            log.warning("grace of %.1fs ran out: cancelling the calls still in flight", grace)
+        # What gRPC still holds now (health watches, calls past the grace) is cancelled.
+        await self.server.stop(0)
         if self._gallery_open is not None:
             await self._gallery_open  # the rebuild runs in a thread: let it finish
             await self.gallery.close()
         self.sampling.close()
         await self.embedding.close()
         self.metrics.close()
+
+    async def _drain(self, deadline: float) -> bool:
+        """Waits until no call is in flight (health checks aside), at most until `deadline`
+        (event-loop time); False when the deadline came first."""
+        loop = asyncio.get_running_loop()
+        while await self.calls.drained(deadline - loop.time()):
+            # A call gRPC handed over just before the refusals began reaches the
+            # interceptor a moment later: look again before closing.
+            await asyncio.sleep(STOP_SETTLE_SECONDS)
+            if self.calls.idle:
+                return True
+        return False
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from adaface.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc
@@ -272,6 +272,48 @@ def test_graceful_stop_finishes_in_flight_requests(ir18_repository):
     stopper.join(60)
     channel.close()
     assert len(response.results) == 32 and all(r.HasField("embedding") for r in response.results)
+
+
+def test_a_draining_server_refuses_new_calls_at_once_and_serves_open_streams(ir18_repository):
+    """While a stop drains: an open stream is still served, a new call is refused at once
+    (UNAVAILABLE naming the shutdown, not left waiting), health says NOT_SERVING, and an open
+    Health.Watch stream does not keep the server for the rest of its grace."""
+    repository, name = ir18_repository
+    server = ServerThread(server_settings(repository, name)).start().wait_serving()
+    channel = grpc.insecure_channel(server.address)
+    stub = embedder_pb2_grpc.EmbedderStub(channel)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=120)
+    assert next(watch).status == SERVING
+    release = threading.Event()
+
+    def requests():
+        yield embedder_pb2.EmbedRequest(images=[GOOD])
+        release.wait(60)
+        yield embedder_pb2.EmbedRequest(images=[GOOD, GOOD])
+
+    stream = stub.EmbedStream(requests(), timeout=120)
+    assert len(next(stream).results) == 1
+    stopper = threading.Thread(target=server.stop, kwargs={"grace": 120.0})
+    try:
+        stopper.start()
+        assert next(watch).status == NOT_SERVING
+        err = call_error(stub, embedder_pb2.EmbedRequest(images=[GOOD]))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+        assert "shutting down" in err.details(), err.details()
+        assert server.health() == NOT_SERVING
+        assert stopper.is_alive()  # the open stream keeps the server draining
+    finally:
+        release.set()
+    last = next(stream)
+    assert len(last.results) == 2 and all(r.HasField("embedding") for r in last.results)
+    assert list(stream) == []  # the stream ends OK
+    # Once the stream has ended the stop completes, far inside its 120 s of grace, though
+    # the health watch is still open.
+    stopper.join(60)
+    assert not stopper.is_alive()
+    with pytest.raises(grpc.RpcError):
+        next(watch)
+    channel.close()
 
 
 def test_every_one_of_64_failed_images_comes_back_within_the_trailer_limit(ir18_repository):

@@ -369,9 +369,9 @@ def test_sigterm_finishes_in_flight_streams_refuses_new_calls_and_flushes(
 
 def probe_new_calls(server: Server, early: grpc.Channel) -> tuple[list[str], list[str]]:
     """New calls after SIGTERM, on a channel opened before it and on a new one, until one is
-    refused: it must be UNAVAILABLE, and nothing may hang. A call that beat the stop may
-    succeed; one that raced it may be CANCELLED by gRPC before any handler ran (the final
-    check of the store proves it wrote nothing). Returns (acknowledged names, what was seen)."""
+    refused. While in-flight streams keep the server draining, a refusal is the server's
+    own: UNAVAILABLE saying it is shutting down, at once (nothing may hang). A call that beat
+    the stop may succeed. Returns (acknowledged names, what was seen)."""
     acked: list[str] = []
     seen: list[str] = []
     deadline = time.monotonic() + 20
@@ -382,13 +382,16 @@ def probe_new_calls(server: Server, early: grpc.Channel) -> tuple[list[str], lis
             gallery_pb2_grpc.GalleryStub(early).Enroll(enroll_request(name), timeout=5)
         except grpc.RpcError as err:
             seen.append(f"open channel: {err.code().name} {err.details()!r}")
-            if err.code() == grpc.StatusCode.CANCELLED:
-                continue
             assert err.code() == grpc.StatusCode.UNAVAILABLE, seen
+            assert "shutting down" in err.details(), seen
             break
         acked.append(name)
     with grpc.insecure_channel(server.address) as fresh:
         err = rpc_error(gallery_pb2_grpc.GalleryStub(fresh).Enroll, enroll_request("late-x"), 5)
         assert err.code() == grpc.StatusCode.UNAVAILABLE, (err.code(), err.details())
+        assert "shutting down" in err.details(), err.details()
         seen.append(f"new channel: UNAVAILABLE {err.details()!r}")
+        # Health checks are still answered while the server drains: NOT_SERVING.
+        status = health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
     return acked, seen

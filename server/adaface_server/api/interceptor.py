@@ -14,6 +14,10 @@ In order, for each call:
      ended with DEADLINE_EXCEEDED naming the setting;
   4. the servicer runs with the request id and deadline in context variables;
   5. the outcome is counted (Prometheus) and logged as one line.
+
+Once the server is stopping (`refuse_new_calls`), every new call but a health check is
+answered UNAVAILABLE before its body is read, while calls already running go on; `drained`
+says when the last of them has finished.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ..errors import (
     PermissionDenied,
     ServiceError,
     Unauthenticated,
+    Unavailable,
 )
 from ..logs import ACCESS_LOGGER
 from ..metrics import Metrics
@@ -74,6 +79,8 @@ ADMIN_METHODS = frozenset(
 STREAM_END_SETTLE_SECONDS = 0.02
 
 _COUNTED_FIELDS = ("images", "samples", "probes")
+
+SHUTTING_DOWN = "server is shutting down: retry the call on another replica"
 
 
 class _Malformed:
@@ -118,6 +125,29 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         self._metrics = metrics
         self.in_flight = 0
         self.completed = 0  # calls answered since start
+        self._stopping = False
+        self._working = 0  # calls in flight that are not health checks
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def refuse_new_calls(self) -> None:
+        """From now on every new call but a health check is answered UNAVAILABLE (body
+        unread, nothing done); calls already running go on."""
+        self._stopping = True
+
+    @property
+    def idle(self) -> bool:
+        """No call is being served, health checks aside."""
+        return self._working == 0
+
+    async def drained(self, timeout: float) -> bool:
+        """Waits, at most `timeout` seconds, until no call but a health check is in flight."""
+        try:
+            async with asyncio.timeout(max(0.0, timeout)):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def intercept_service(
         self,
@@ -246,13 +276,19 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
         current_call.set(call)
         self.in_flight += 1
+        if method not in HEALTH_METHODS:
+            self._working += 1
+            self._idle.clear()
         return call
 
     def _authorize(self, method: str, context: grpc.aio.ServicerContext, call: Call) -> None:
         call.caller = self._caller(method, context.invocation_metadata())
 
     def _caller(self, method: str, metadata: tuple | None) -> str | None:
-        """The caller's name for a call that may go on; raises when its token does not do."""
+        """The caller's name for a call that may go on; raises when the server is stopping
+        or the call's token does not do."""
+        if self._stopping and method not in HEALTH_METHODS:
+            raise Unavailable(SHUTTING_DOWN)
         tokens = self.tokens
         if not tokens.enabled:
             return None
@@ -279,6 +315,10 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         name = _short(call.method)
         self.in_flight -= 1
         self.completed += 1
+        if call.method not in HEALTH_METHODS:
+            self._working -= 1
+            if not self._working:
+                self._idle.set()
         self._metrics.requests.labels(name, code.name).inc()
         self._metrics.latency.labels(name).observe(seconds)
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
