@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -37,6 +38,20 @@ INDEX_BYTES = ("adaface_gallery_index_bytes", "Bytes a gallery index holds, by m
 ScrapeCheck = Callable[[str | None], bool]
 
 
+@dataclass(frozen=True)
+class LiveGauge:
+    """One scrape-time gauge: its name, help, label names and (label values, value) rows.
+    `across_workers` says how the parent of --workers N combines the workers' values
+    (prometheus_client's multiprocess_mode): livesum for what each worker holds on its own,
+    livemax for what they share (gallery sizes come from the one store)."""
+
+    name: str
+    help: str
+    labels: tuple[str, ...]
+    values: tuple[tuple[tuple[str, ...], float], ...]
+    across_workers: str
+
+
 class _Live(Collector):
     """Gauges computed at scrape time from the running services."""
 
@@ -47,47 +62,56 @@ class _Live(Collector):
         self.gallery_memory: GalleryMemory = lambda: ()
         self.gallery_labels = gallery_labels
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        in_flight = GaugeMetricFamily("adaface_requests_in_flight", "RPCs being handled")
-        in_flight.add_metric([], self.in_flight())
-        yield in_flight
-        queue = GaugeMetricFamily(
-            "adaface_queue_depth", "Images waiting for (or in flight to) the model backend"
-        )
-        queue.add_metric([], self.queue_depth())
-        yield queue
+    def gauges(self) -> list[LiveGauge]:
+        """Every live gauge's current value. Gallery names can be confidential
+        (gallery_labels false): then totals over every gallery instead."""
+        sizes = list(self.gallery_sizes())
         memory = list(self.gallery_memory())
-        if not self.gallery_labels:
-            # Gallery names can be confidential: totals over every gallery instead.
-            sizes = list(self.gallery_sizes())
-            for metric, what, total in (
-                ("adaface_gallery_identities", "Identities", sum(s[1] for s in sizes)),
-                ("adaface_gallery_samples", "Samples", sum(s[2] for s in sizes)),
-            ):
-                family = GaugeMetricFamily(metric, f"{what} enrolled in all galleries")
-                family.add_metric([], total)
-                yield family
-            family = GaugeMetricFamily(*INDEX_BYTES, labels=["memory"])
-            family.add_metric(["host"], sum(m[1] for m in memory))
-            family.add_metric(["device"], sum(m[2] for m in memory))
+        traffic = [
+            LiveGauge(
+                "adaface_requests_in_flight", "RPCs being handled", (),
+                (((), self.in_flight()),), "livesum",
+            ),
+            LiveGauge(
+                "adaface_queue_depth", "Images waiting for (or in flight to) the model backend",
+                (), (((), self.queue_depth()),), "livesum",
+            ),
+        ]  # fmt: skip
+        if self.gallery_labels:
+            identities = tuple(((name,), n) for name, n, _ in sizes)
+            samples = tuple(((name,), n) for name, _, n in sizes)
+            index = tuple(
+                row
+                for name, host, device in memory
+                for row in (((name, "host"), host), ((name, "device"), device))
+            )
+            where, scope = ("gallery",), "per gallery"
+        else:
+            identities = (((), sum(s[1] for s in sizes)),)
+            samples = (((), sum(s[2] for s in sizes)),)
+            index = (
+                (("host",), sum(m[1] for m in memory)),
+                (("device",), sum(m[2] for m in memory)),
+            )
+            where, scope = (), "in all galleries"
+        return [
+            *traffic,
+            LiveGauge(
+                "adaface_gallery_identities", f"Identities enrolled {scope}", where,
+                identities, "livemax",
+            ),
+            LiveGauge(
+                "adaface_gallery_samples", f"Samples enrolled {scope}", where, samples, "livemax"
+            ),
+            LiveGauge(*INDEX_BYTES, (*where, "memory"), index, "livesum"),
+        ]  # fmt: skip
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for gauge in self.gauges():
+            family = GaugeMetricFamily(gauge.name, gauge.help, labels=gauge.labels)
+            for labels, value in gauge.values:
+                family.add_metric(labels, value)
             yield family
-            return
-        identities = GaugeMetricFamily(
-            "adaface_gallery_identities", "Identities enrolled per gallery", labels=["gallery"]
-        )
-        samples = GaugeMetricFamily(
-            "adaface_gallery_samples", "Samples enrolled per gallery", labels=["gallery"]
-        )
-        for name, n_identities, n_samples in self.gallery_sizes():
-            identities.add_metric([name], n_identities)
-            samples.add_metric([name], n_samples)
-        yield identities
-        yield samples
-        family = GaugeMetricFamily(*INDEX_BYTES, labels=["gallery", "memory"])
-        for name, host, device in memory:
-            family.add_metric([name, "host"], host)
-            family.add_metric([name, "device"], device)
-        yield family
 
 
 class Metrics:

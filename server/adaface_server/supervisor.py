@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .config import Settings
 from .errors import StartupError
-from .metrics import INDEX_BYTES, serve_registry
+from .metrics import serve_registry
 from .security import bearer_allowed, load_tokens
 
 log = logging.getLogger("adaface_server.supervisor")
@@ -110,53 +110,26 @@ LIVE_PUBLISH_SECONDS = 1.0
 
 
 async def publish_live_gauges(live, seconds: float = LIVE_PUBLISH_SECONDS) -> None:
-    """Inside a worker: copies the scrape-time gauges (metrics._Live) into multiprocess
-    gauges every `seconds`, so the parent's /metrics sums them over the live workers (a dead
-    worker's values are dropped by mark_process_dead)."""
+    """Inside a worker: copies the scrape-time gauges (metrics._Live.gauges) into
+    multiprocess gauges every `seconds`, so the parent's /metrics combines them over the live
+    workers (each gauge's `across_workers`; a dead worker's values are dropped by
+    mark_process_dead)."""
     import asyncio
 
     from prometheus_client import Gauge
 
-    # registry=None: these exist only in the multiprocess files the parent aggregates.
-    in_flight = Gauge(
-        "adaface_requests_in_flight", "RPCs being handled", registry=None,
-        multiprocess_mode="livesum",
-    )  # fmt: skip
-    queue = Gauge(
-        "adaface_queue_depth", "Images waiting for (or in flight to) the model backend",
-        registry=None, multiprocess_mode="livesum",
-    )  # fmt: skip
-    # Gallery names can be confidential (--metrics-gallery-labels false): totals instead.
-    labels = ["gallery"] if live.gallery_labels else []
-    identities = Gauge(
-        "adaface_gallery_identities", "Identities enrolled per gallery", labels,
-        registry=None, multiprocess_mode="livemax",
-    )  # fmt: skip
-    samples = Gauge(
-        "adaface_gallery_samples", "Samples enrolled per gallery", labels,
-        registry=None, multiprocess_mode="livemax",
-    )  # fmt: skip
-    # Each worker holds its own copy of every index: the server's memory is their sum.
-    index_bytes = Gauge(
-        *INDEX_BYTES, [*labels, "memory"], registry=None, multiprocess_mode="livesum"
-    )
+    published: dict[str, Gauge] = {}
     while True:
-        in_flight.set(live.in_flight())
-        queue.set(live.queue_depth())
-        sizes = list(live.gallery_sizes())
-        memory = list(live.gallery_memory())
-        if labels:
-            for name, n_identities, n_samples in sizes:
-                identities.labels(name).set(n_identities)
-                samples.labels(name).set(n_samples)
-            for name, host, device in memory:
-                index_bytes.labels(name, "host").set(host)
-                index_bytes.labels(name, "device").set(device)
-        else:
-            identities.set(sum(s[1] for s in sizes))
-            samples.set(sum(s[2] for s in sizes))
-            index_bytes.labels("host").set(sum(m[1] for m in memory))
-            index_bytes.labels("device").set(sum(m[2] for m in memory))
+        for live_gauge in live.gauges():
+            gauge = published.get(live_gauge.name)
+            if gauge is None:
+                # registry=None: these exist only in the multiprocess files the parent reads.
+                gauge = published[live_gauge.name] = Gauge(
+                    live_gauge.name, live_gauge.help, live_gauge.labels, registry=None,
+                    multiprocess_mode=live_gauge.across_workers,
+                )  # fmt: skip
+            for labels, value in live_gauge.values:
+                (gauge.labels(*labels) if labels else gauge).set(value)
         await asyncio.sleep(seconds)
 
 
