@@ -38,6 +38,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -193,9 +194,16 @@ def start_server(repo: Path, name: str, port: int, batch: int, *flags: str) -> s
     )  # fmt: skip
 
 
+class Served(NamedTuple):
+    """img/s of one server: aligned crops, and raw photos with detection when measured."""
+
+    crops: float
+    photos: float | None = None
+
+
 def served(
     repo: Path, name: str, batch: int, seconds: float, *flags: str, photos: bool = False
-) -> float | tuple[float, float]:
+) -> Served:
     """img/s of aligned crops; with `photos`, also of raw photos with detection."""
     port = free_port()
     server = start_server(repo, name, port, batch, *flags)
@@ -209,7 +217,7 @@ def served(
     finally:
         server.terminate()
         server.wait(60)
-    return (crops, found.images_per_s) if photos else crops
+    return Served(crops, found.images_per_s if photos else None)
 
 
 def main() -> int:
@@ -281,12 +289,12 @@ def main() -> int:
             rows.append(("--runtime openvino --precision bf16 --detect-runtime openvino", ov))
         # every bf16 row, peers included
         best_bf16_raw = max(rate for label, rate, *_ in raw if "fp32" not in label)
-        served_fp32 = fp32[0] if photos else fp32
+        served_fp32 = fp32.crops
         print("\n## Served (4 clients x 8 aligned 112x112 JPEG crops per call)\n")
         print("| server | img/s | / served fp32 | / fastest raw bf16 |")
         print("|---|---:|---:|---:|")
         for label, result in rows:
-            rate = result[0] if photos else result
+            rate = result.crops
             print(f"| {label} | {rate:.1f} | {rate / served_fp32:.2f} | "
                   f"{rate / best_bf16_raw:.2f} |")  # fmt: skip
 
@@ -304,18 +312,17 @@ def main() -> int:
                      "--threads", threads, photos=photos)  # fmt: skip
         two = served(repo, names["fp32"], batch, args.seconds, "--workers", "2", photos=photos)
         print("\n## Workers (runtime and precision auto; 4 clients x 8 per call)\n")
+        columns = ["workers", "intra-op threads each", "crops img/s", "/ 1 worker"]
         if photos:
-            print("| workers | intra-op threads each | crops img/s | / 1 worker | photos img/s "
-                  "| / 1 worker |")  # fmt: skip
-            print("|---|---:|---:|---:|---:|---:|")
-            for n, (crops, found) in ((1, one), (2, two)):
-                print(f"| {n} | {max(1, cores // n)} | {crops:.1f} | {crops / one[0]:.2f} | "
-                      f"{found:.1f} | {found / one[1]:.2f} |")  # fmt: skip
-            return 0
-        print("| workers | intra-op threads each | img/s | / 1 worker |")
-        print("|---|---:|---:|---:|")
-        print(f"| 1 | {cores} | {one:.1f} | 1.00 |")
-        print(f"| 2 | {max(1, cores // 2)} | {two:.1f} | {two / one:.2f} |")
+            columns += ["photos img/s", "/ 1 worker"]
+        print("| " + " | ".join(columns) + " |")
+        print("|---" + "|---:" * (len(columns) - 1) + "|")
+        for n, result in ((1, one), (2, two)):
+            cells = [str(n), str(max(1, cores // n))]
+            cells += [f"{result.crops:.1f}", f"{result.crops / one.crops:.2f}"]
+            if photos:
+                cells += [f"{result.photos:.1f}", f"{result.photos / one.photos:.2f}"]
+            print("| " + " | ".join(cells) + " |")
     return 0
 
 
