@@ -33,10 +33,8 @@ def exported(registry: CollectorRegistry) -> set[str]:
     return {line for line in lines if line and not line.startswith("#")}
 
 
-def test_one_server_exports_per_gallery_values_or_only_totals():
-    registry = CollectorRegistry()
-    registry.register(live(gallery_labels=True))
-    assert exported(registry) == {
+ONE_SERVER = {
+    True: {
         "adaface_requests_in_flight 3.0",
         "adaface_queue_depth 7.0",
         'adaface_gallery_identities{gallery="a"} 2.0',
@@ -47,17 +45,23 @@ def test_one_server_exports_per_gallery_values_or_only_totals():
         'adaface_gallery_index_bytes{gallery="a",memory="device"} 0.0',
         'adaface_gallery_index_bytes{gallery="b",memory="host"} 600.0',
         'adaface_gallery_index_bytes{gallery="b",memory="device"} 200.0',
-    }
-    registry = CollectorRegistry()
-    registry.register(live(gallery_labels=False))
-    assert exported(registry) == {
+    },
+    False: {
         "adaface_requests_in_flight 3.0",
         "adaface_queue_depth 7.0",
         "adaface_gallery_identities 3.0",
         "adaface_gallery_samples 8.0",
         'adaface_gallery_index_bytes{memory="host"} 1600.0',
         'adaface_gallery_index_bytes{memory="device"} 200.0',
-    }
+    },
+}
+
+
+@pytest.mark.parametrize("gallery_labels", [True, False])
+def test_one_server_exports_per_gallery_values_or_only_totals(gallery_labels):
+    registry = CollectorRegistry()
+    registry.register(live(gallery_labels))
+    assert exported(registry) == ONE_SERVER[gallery_labels]
 
 
 WORKER = """
